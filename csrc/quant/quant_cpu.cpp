@@ -1,0 +1,423 @@
+// CPU kernels for blockwise 4-bit and 8-bit quantization: scalar reference semantics, with AVX2 and
+// AVX-512 dequantize paths picked at run time. Bit-exact with the CUDA kernels (see quant.h).
+// Built with -ffp-contract=off: a fused multiply-add would change the last bit of the double-quantized
+// scale (map * nested + offset must be two roundings, as in bitsandbytes).
+// GCC 12 reports the intrinsics' internal "undefined" registers as maybe-uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "../common/parallel.h"
+#include "codes.h"
+#include "quant.h"
+
+namespace qx {
+namespace {
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+struct Tables {
+  float nf4[16], fp4[16], dyn_signed[256], dyn_unsigned[256];
+  float nf4_thr[15];     // decision thresholds between adjacent NF4 codes
+  float fp4_mag_thr[7];  // thresholds between adjacent sorted FP4 magnitudes
+  uint8_t fp4_mag_index[8];  // sorted magnitude rank -> low 3 bits of the FP4 code
+  Tables() {
+    for (int i = 0; i < 16; ++i) nf4[i] = bits_to_float(kNF4Bits[i]), fp4[i] = bits_to_float(kFP4Bits[i]);
+    for (int i = 0; i < 256; ++i) {
+      dyn_signed[i] = bits_to_float(kDynSignedBits[i]);
+      dyn_unsigned[i] = bits_to_float(kDynUnsignedBits[i]);
+    }
+    // The spec: midpoints computed in double, compared in float32.
+    for (int i = 0; i < 15; ++i) nf4_thr[i] = static_cast<float>((double(nf4[i]) + double(nf4[i + 1])) / 2.0);
+    uint8_t order[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    std::sort(order, order + 8, [&](uint8_t a, uint8_t b) { return fp4[a] < fp4[b]; });
+    for (int i = 0; i < 8; ++i) fp4_mag_index[i] = order[i];
+    for (int i = 0; i < 7; ++i)
+      fp4_mag_thr[i] = static_cast<float>((double(fp4[order[i]]) + double(fp4[order[i + 1]])) / 2.0);
+  }
+};
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+// ---- element conversions (round to nearest even, NaN kept quiet, as torch does) ----
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000 | (man << 13));
+  if (exp == 0) {
+    float f = std::ldexp(float(man), -24);  // subnormal: exact in float32
+    return sign ? -f : f;
+  }
+  return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
+}
+inline uint16_t float_to_half(float f) {
+  uint32_t x = float_to_bits(f), sign = (x >> 16) & 0x8000;
+  uint32_t ax = x & 0x7fffffff;
+  if (ax >= 0x7f800000) return uint16_t(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));
+  if (ax >= 0x477ff000) return uint16_t(sign | 0x7c00);  // rounds to >= 65520: overflow to inf
+  if (ax < 0x38800000) {                                  // below the smallest normal half
+    // add a magic number so the FPU does the round-to-nearest-even of the subnormal mantissa
+    float r = bits_to_float(ax) + 0.5f;
+    return uint16_t(sign | (float_to_bits(r) - 0x3f000000));
+  }
+  uint32_t mant_odd = (ax >> 13) & 1;
+  ax += 0xc8000fff + mant_odd;  // rebias exponent (-112 << 23) and round
+  return uint16_t(sign | (ax >> 13));
+}
+inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+inline uint16_t float_to_bf16(float f) {
+  uint32_t x = float_to_bits(f);
+  if ((x & 0x7fffffff) > 0x7f800000) return uint16_t((x >> 16) | 0x40);
+  return uint16_t((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+inline float load_elem(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::kFloat32: return static_cast<const float*>(p)[i];
+    case DType::kFloat16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+inline void store_elem(void* p, DType t, int64_t i, float v) {
+  switch (t) {
+    case DType::kFloat32: static_cast<float*>(p)[i] = v; break;
+    case DType::kFloat16: static_cast<uint16_t*>(p)[i] = float_to_half(v); break;
+    default: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline float block_scale(const AbsmaxView& s, int64_t b) {
+  if (!s.double_quant()) return s.absmax[b];
+  float a = s.nested_code[s.qabsmax[b]] * s.nested_absmax[b / s.nested_blocksize];
+  return a + s.offset;
+}
+
+// ---- dequantize one block range, per ISA ----
+// Each kernel handles blocks [b0, b1); elements of a block are [b*bs, min(n, (b+1)*bs)).
+
+void dequant4_scalar(const uint8_t* packed, const AbsmaxView& s, int64_t n, int64_t bs, const float* code,
+                     void* out, DType ot, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    float a = block_scale(s, b);
+    int64_t e0 = b * bs, e1 = std::min(n, e0 + bs);
+    for (int64_t i = e0; i < e1; ++i) {
+      uint8_t byte = packed[i >> 1];
+      uint8_t nib = (i & 1) ? (byte & 0xf) : (byte >> 4);
+      store_elem(out, ot, i, code[nib] * a);
+    }
+  }
+}
+
+#define QX_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define QX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+// 8 packed bytes -> 16 floats (two __m256): element 2j is the high nibble of byte j.
+QX_AVX2 inline void avx2_unpack16(const uint8_t* p, __m256 lut_lo, __m256 lut_hi, __m256 va, __m256* v0,
+                                  __m256* v1) {
+  const __m256i dup0 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  const __m256i dup1 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+  const __m256i mask = _mm256_set1_epi32(0xf);
+  __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  __m256i n0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(w, dup0), shifts), mask);
+  __m256i n1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(w, dup1), shifts), mask);
+  // 16-entry lookup from two 8-entry permutes; bit 3 of the nibble (moved to the sign bit) picks the half.
+  __m256 r0 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, n0), _mm256_permutevar8x32_ps(lut_hi, n0),
+                               _mm256_castsi256_ps(_mm256_slli_epi32(n0, 28)));
+  __m256 r1 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, n1), _mm256_permutevar8x32_ps(lut_hi, n1),
+                               _mm256_castsi256_ps(_mm256_slli_epi32(n1, 28)));
+  *v0 = _mm256_mul_ps(r0, va);
+  *v1 = _mm256_mul_ps(r1, va);
+}
+
+QX_AVX2 inline __m128i avx2_to_bf16(__m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                   _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+  r = _mm256_srli_epi32(r, 16);
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, qnan, nan);
+  r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  return _mm256_castsi256_si128(r);
+}
+
+QX_AVX2 inline void avx2_store8(void* out, DType ot, int64_t i, __m256 v) {
+  if (ot == DType::kFloat32) {
+    _mm256_storeu_ps(static_cast<float*>(out) + i, v);
+  } else if (ot == DType::kFloat16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), avx2_to_bf16(v));
+  }
+}
+
+QX_AVX2 void dequant4_avx2(const uint8_t* packed, const AbsmaxView& s, int64_t n, int64_t bs, const float* code,
+                           void* out, DType ot, int64_t b0, int64_t b1) {
+  const __m256 lut_lo = _mm256_loadu_ps(code), lut_hi = _mm256_loadu_ps(code + 8);
+  for (int64_t b = b0; b < b1; ++b) {
+    float a = block_scale(s, b);
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t e0 = b * bs, e1 = std::min(n, e0 + bs), i = e0;
+    for (; i + 16 <= e1; i += 16) {
+      __m256 v0, v1;
+      avx2_unpack16(packed + (i >> 1), lut_lo, lut_hi, va, &v0, &v1);
+      avx2_store8(out, ot, i, v0);
+      avx2_store8(out, ot, i + 8, v1);
+    }
+    for (; i < e1; ++i) {
+      uint8_t byte = packed[i >> 1];
+      store_elem(out, ot, i, code[(i & 1) ? (byte & 0xf) : (byte >> 4)] * a);
+    }
+  }
+}
+
+QX_AVX512 inline __m256i avx512_to_bf16(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                   _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  r = _mm512_srli_epi32(r, 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+QX_AVX512 inline void avx512_store16(void* out, DType ot, int64_t i, __m512 v) {
+  if (ot == DType::kFloat32) {
+    _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+  } else if (ot == DType::kFloat16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
+                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), avx512_to_bf16(v));
+  }
+}
+
+QX_AVX512 void dequant4_avx512(const uint8_t* packed, const AbsmaxView& s, int64_t n, int64_t bs,
+                               const float* code, void* out, DType ot, int64_t b0, int64_t b1) {
+  const __m512 lut = _mm512_loadu_ps(code);  // the whole 16-entry code fits one register
+  const __m512i dup0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i dup1 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+  const __m512i shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  const __m512i mask = _mm512_set1_epi32(0xf);
+  for (int64_t b = b0; b < b1; ++b) {
+    float a = block_scale(s, b);
+    const __m512 va = _mm512_set1_ps(a);
+    int64_t e0 = b * bs, e1 = std::min(n, e0 + bs), i = e0;
+    for (; i + 32 <= e1; i += 32) {
+      __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1))));
+      __m512i n0 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(dup0, w), shifts), mask);
+      __m512i n1 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(dup1, w), shifts), mask);
+      avx512_store16(out, ot, i, _mm512_mul_ps(_mm512_permutexvar_ps(n0, lut), va));
+      avx512_store16(out, ot, i + 16, _mm512_mul_ps(_mm512_permutexvar_ps(n1, lut), va));
+    }
+    for (; i < e1; ++i) {
+      uint8_t byte = packed[i >> 1];
+      store_elem(out, ot, i, code[(i & 1) ? (byte & 0xf) : (byte >> 4)] * a);
+    }
+  }
+}
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+Isa detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::kAvx2;
+  return Isa::kScalar;
+}
+Isa isa() {
+  static const Isa v = [] {
+    // QLORA_EXT_CPU_ISA=scalar|avx2 caps the choice (tests use it to cover every path on one machine).
+    Isa best = detect_isa();
+    if (const char* cap = std::getenv("QLORA_EXT_CPU_ISA")) {
+      if (!std::strcmp(cap, "scalar")) return Isa::kScalar;
+      if (!std::strcmp(cap, "avx2") && best != Isa::kScalar) return Isa::kAvx2;
+    }
+    return best;
+  }();
+  return v;
+}
+
+}  // namespace
+
+bool valid_blocksize_4bit(int64_t bs) {
+  for (int64_t v = 32; v <= 4096; v *= 2)
+    if (bs == v) return true;
+  return false;
+}
+bool valid_blocksize_8bit(int64_t bs) { return bs >= 64 && valid_blocksize_4bit(bs); }
+
+const float* code4(QuantType qt) { return qt == QuantType::kNF4 ? tables().nf4 : tables().fp4; }
+const float* dynamic_map(bool is_signed) { return is_signed ? tables().dyn_signed : tables().dyn_unsigned; }
+
+uint8_t quantize_nibble(QuantType qt, float s) {
+  const Tables& t = tables();
+  if (s != s) s = 0.0f;
+  s = std::min(1.0f, std::max(-1.0f, s));
+  if (qt == QuantType::kNF4) {
+    uint8_t idx = 0;
+    for (int i = 0; i < 15; ++i) idx += (s > t.nf4_thr[i]);
+    return idx;
+  }
+  uint8_t sign = s < 0.0f ? 8 : 0;
+  float m = std::fabs(s);
+  int rank = 0;
+  for (int i = 0; i < 7; ++i) rank += (m > t.fp4_mag_thr[i]);
+  return uint8_t(sign | t.fp4_mag_index[rank]);
+}
+
+uint8_t quantize_nearest8(const float* code, float x) {
+  // last index with code[i] <= x (0 when x is below the map), then the nearer of i and i + 1
+  int lo = 0, hi = 255;
+  if (!(x >= code[0])) return 0;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    if (code[mid] <= x) lo = mid; else hi = mid - 1;
+  }
+  if (lo < 255) {
+    float dl = std::fabs(x - code[lo]), dr = std::fabs(x - code[lo + 1]);
+    if (dr < dl) ++lo;
+  }
+  return uint8_t(lo);
+}
+
+void cpu_set_num_threads(int n) { set_num_threads(n); }
+int cpu_num_threads() { return num_threads(); }
+const char* cpu_isa() {
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+Status quantize_4bit_cpu(const void* A, DType dtype, int64_t n, int64_t bs, QuantType qt, uint8_t* packed,
+                         float* absmax) {
+  if (n < 0 || !valid_blocksize_4bit(bs)) return Status::kInvalidArgument;
+  if (n == 0) return Status::kOk;
+  if (!A || !packed || !absmax) return Status::kInvalidArgument;
+  const Tables& t = tables();
+  std::atomic<bool> nonfinite{false};
+  int64_t nblocks = ceil_div(n, bs);
+  parallel_for(nblocks, std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
+    float s[4096 + 2];
+    uint8_t nib[4096 + 2];
+    bool bad = false;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = b * bs;
+      const int len = static_cast<int>(std::min(n - e0, bs));  // 1..4096
+      if (len <= 0) continue;
+      float amax = 0.0f;
+      for (int j = 0; j < len; ++j) {
+        float x = load_elem(A, dtype, e0 + j);
+        s[j] = x;
+        bad |= !std::isfinite(x);
+        amax = std::max(amax, std::fabs(x));
+      }
+      absmax[b] = amax;
+      float r = 1.0f / amax;
+      if (qt == QuantType::kNF4) {
+        for (int j = 0; j < len; ++j) {
+          float v = s[j] * r;
+          v = (v != v || amax == 0.0f) ? 0.0f : v;
+          v = std::min(1.0f, std::max(-1.0f, v));
+          uint8_t idx = 0;
+          for (int i = 0; i < 15; ++i) idx += (v > t.nf4_thr[i]);
+          nib[j] = idx;
+        }
+      } else {
+        for (int j = 0; j < len; ++j) {
+          float v = s[j] * r;
+          nib[j] = quantize_nibble(qt, amax == 0.0f ? 0.0f : v);
+        }
+      }
+      if (len & 1) nib[len] = 0;
+      // blocks are even-sized so every block starts on a byte boundary
+      for (int j = 0; j < len; j += 2) packed[(e0 + j) >> 1] = uint8_t((nib[j] << 4) | nib[j + 1]);
+    }
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
+  });
+  return nonfinite.load() ? Status::kNonFinite : Status::kOk;
+}
+
+Status dequantize_4bit_cpu(const uint8_t* packed, const AbsmaxView& scales, int64_t n, int64_t bs, QuantType qt,
+                           void* out, DType ot) {
+  if (n < 0 || !valid_blocksize_4bit(bs)) return Status::kInvalidArgument;
+  if (n == 0) return Status::kOk;
+  if (!packed || !out) return Status::kInvalidArgument;
+  if (scales.double_quant() ? (!scales.nested_absmax || !scales.nested_code || scales.nested_blocksize <= 0)
+                            : !scales.absmax)
+    return Status::kInvalidArgument;
+  const float* code = code4(qt);
+  int64_t nblocks = ceil_div(n, bs);
+  Isa use = isa();
+  // ~64 KiB of output per task keeps the two cores busy without splitting tiny tensors
+  parallel_for(nblocks, std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
+    switch (use) {
+      case Isa::kAvx512: dequant4_avx512(packed, scales, n, bs, code, out, ot, b0, b1); break;
+      case Isa::kAvx2: dequant4_avx2(packed, scales, n, bs, code, out, ot, b0, b1); break;
+      default: dequant4_scalar(packed, scales, n, bs, code, out, ot, b0, b1); break;
+    }
+  });
+  return Status::kOk;
+}
+
+Status quantize_8bit_cpu(const float* A, int64_t n, int64_t bs, const float* code, uint8_t* out, float* absmax) {
+  if (n < 0 || bs <= 0) return Status::kInvalidArgument;
+  if (n == 0) return Status::kOk;
+  if (!A || !code || !out || !absmax) return Status::kInvalidArgument;
+  std::atomic<bool> nonfinite{false};
+  parallel_for(ceil_div(n, bs), std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
+    bool bad = false;
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t e0 = b * bs, e1 = std::min(n, e0 + bs);
+      float amax = 0.0f;
+      for (int64_t i = e0; i < e1; ++i) {
+        bad |= !std::isfinite(A[i]);
+        amax = std::max(amax, std::fabs(A[i]));
+      }
+      absmax[b] = amax;
+      for (int64_t i = e0; i < e1; ++i) out[i] = quantize_nearest8(code, amax == 0.0f ? 0.0f : A[i] / amax);
+    }
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
+  });
+  return nonfinite.load() ? Status::kNonFinite : Status::kOk;
+}
+
+Status dequantize_8bit_cpu(const uint8_t* A, const float* absmax, const float* code, int64_t n, int64_t bs,
+                           void* out, DType ot) {
+  if (n < 0 || bs <= 0) return Status::kInvalidArgument;
+  if (n == 0) return Status::kOk;
+  if (!A || !absmax || !code || !out) return Status::kInvalidArgument;
+  parallel_for(ceil_div(n, bs), std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float a = absmax[b];
+      int64_t e0 = b * bs, e1 = std::min(n, e0 + bs);
+      for (int64_t i = e0; i < e1; ++i) store_elem(out, ot, i, code[A[i]] * a);
+    }
+  });
+  return Status::kOk;
+}
+
+}  // namespace qx

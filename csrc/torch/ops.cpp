@@ -1,0 +1,298 @@
+// The torch layer: one schema registry (TORCH_LIBRARY) for every qlora_ext op, host-side argument checks
+// that run before any kernel reads memory, and CPU / CUDA dispatch onto the torch-free launchers.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifdef QX_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include "../quant/quant.h"
+
+namespace {
+
+using qx::DType;
+using qx::QuantType;
+using qx::Status;
+
+#define QX_CHECK(cond, ...) TORCH_CHECK(cond, "qlora_ext: ", __VA_ARGS__)
+
+DType to_dtype(at::ScalarType t, const char* what) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: QX_CHECK(false, what, " must be float32, float16 or bfloat16, got ", t);
+  }
+  return DType::kFloat32;
+}
+
+QuantType to_quant_type(c10::string_view s) {
+  if (s == "nf4") return QuantType::kNF4;
+  if (s == "fp4") return QuantType::kFP4;
+  QX_CHECK(false, "quant_type must be 'nf4' or 'fp4', got '", std::string(s), "'");
+  return QuantType::kNF4;
+}
+
+void check_status(Status st, const std::string& context) {
+  QX_CHECK(st == Status::kOk, context, ": ", qx::status_string(st));
+}
+
+void check_blocksize_4bit(int64_t bs) {
+  QX_CHECK(qx::valid_blocksize_4bit(bs), "blocksize must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096, got ",
+           bs);
+}
+
+void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  QX_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the packed weight is on ", ref.device());
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes() << " " << t.scalar_type();
+  return os.str();
+}
+
+#ifdef QX_WITH_CUDA
+void* stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+#endif
+
+// ------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, int64_t blocksize,
+                                                 c10::string_view quant_type) {
+  QuantType qt = to_quant_type(quant_type);
+  check_blocksize_4bit(blocksize);
+  DType dt = to_dtype(A_in.scalar_type(), "the weight to quantize");
+  QX_CHECK(A_in.numel() > 0, "cannot quantize an empty tensor (shape ", A_in.sizes(), ")");
+  // Non-contiguous weights are handled by quantizing a contiguous copy (blocks follow row-major order).
+  at::Tensor A = A_in.contiguous();
+  const int64_t n = A.numel(), nblocks = (n + blocksize - 1) / blocksize;
+  at::Tensor packed = at::empty({(n + 1) / 2, 1}, A.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, A.options().dtype(at::kFloat));
+  Status st;
+  if (A.is_cpu()) {
+    qx::cpu_set_num_threads(at::get_num_threads());
+    st = qx::quantize_4bit_cpu(A.data_ptr(), dt, n, blocksize, qt, packed.data_ptr<uint8_t>(),
+                               absmax.data_ptr<float>());
+  } else {
+#ifdef QX_WITH_CUDA
+    QX_CHECK(A.is_cuda(), "tensors must be on CPU or CUDA, got ", A.device());
+    const c10::cuda::CUDAGuard guard(A.device());
+    at::Tensor flag = at::zeros({1}, A.options().dtype(at::kInt));
+    st = qx::quantize_4bit_cuda(A.data_ptr(), dt, n, blocksize, qt, packed.data_ptr<uint8_t>(),
+                                absmax.data_ptr<float>(), flag.data_ptr<int>(), stream_of(A));
+    if (st == Status::kOk && flag.item<int>() != 0) st = Status::kNonFinite;  // one sync: quantizing is rare
+#else
+    QX_CHECK(false, "this build of qlora_ext has no CUDA kernels; got a tensor on ", A.device());
+    st = Status::kUnsupported;
+#endif
+  }
+  QX_CHECK(st != Status::kNonFinite, "the weight of shape ", A.sizes(),
+           " contains NaN or Inf; 4-bit quantization needs finite values");
+  check_status(st, "quantize_4bit(" + shape_str(A) + ", blocksize=" + std::to_string(blocksize) + ")");
+  return {packed, absmax};
+}
+
+void dequantize_4bit_out(const at::Tensor& packed_in, const at::Tensor& absmax,
+                         const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                         double offset, int64_t nested_blocksize, int64_t blocksize, c10::string_view quant_type,
+                         at::IntArrayRef shape, at::Tensor& out) {
+  QuantType qt = to_quant_type(quant_type);
+  check_blocksize_4bit(blocksize);
+  DType ot = to_dtype(out.scalar_type(), "the output dtype");
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    QX_CHECK(d >= 0, "shape ", shape, " has a negative dimension");
+    QX_CHECK(d == 0 || n <= (int64_t(1) << 62) / d, "shape ", shape, " is too large");
+    n *= d;
+  }
+  // Any quant_storage dtype is the same bytes (FSDP stores them as bfloat16 / float32).
+  at::Tensor packed = packed_in.scalar_type() == at::kByte ? packed_in : packed_in.view(at::kByte);
+  QX_CHECK(packed.is_contiguous(), "the packed weight must be contiguous");
+  QX_CHECK(packed.numel() == (n + 1) / 2, "packed weight has ", packed.numel(), " bytes but shape ", shape, " needs ",
+           (n + 1) / 2);
+  QX_CHECK(out.numel() == n && out.is_contiguous(), "out must be a contiguous tensor of ", n, " elements, got ",
+           out.sizes());
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  check_same_device(packed, absmax, "absmax");
+  check_same_device(packed, out, "out");
+  QX_CHECK(absmax.numel() == nblocks && absmax.is_contiguous(), "absmax has ", absmax.numel(),
+           " entries but shape ", shape, " with blocksize ", blocksize, " has ", nblocks, " blocks");
+  qx::AbsmaxView view;
+  const bool dq = nested_absmax.has_value();
+  QX_CHECK(dq == nested_code.has_value(), "nested_absmax and nested_code must be given together");
+  if (dq) {
+    QX_CHECK(absmax.scalar_type() == at::kByte, "double-quantized absmax must be uint8, got ", absmax.scalar_type());
+    QX_CHECK(nested_blocksize > 0, "nested_blocksize must be positive, got ", nested_blocksize);
+    const at::Tensor& na = *nested_absmax;
+    const at::Tensor& nc = *nested_code;
+    check_same_device(packed, na, "nested_absmax");
+    check_same_device(packed, nc, "nested_code");
+    const int64_t nnested = (nblocks + nested_blocksize - 1) / nested_blocksize;
+    QX_CHECK(na.scalar_type() == at::kFloat && na.numel() == nnested && na.is_contiguous(),
+             "nested_absmax must be float32 with ", nnested, " entries, got ", shape_str(na));
+    QX_CHECK(nc.scalar_type() == at::kFloat && nc.numel() == 256 && nc.is_contiguous(),
+             "nested_code must be 256 float32 values, got ", shape_str(nc));
+    view.qabsmax = absmax.data_ptr<uint8_t>();
+    view.nested_absmax = na.data_ptr<float>();
+    view.nested_code = nc.data_ptr<float>();
+    view.offset = static_cast<float>(offset);
+    view.nested_blocksize = nested_blocksize;
+  } else {
+    QX_CHECK(absmax.scalar_type() == at::kFloat, "absmax must be float32, got ", absmax.scalar_type());
+    view.absmax = absmax.data_ptr<float>();
+  }
+  if (n == 0) return;
+  Status st;
+  if (packed.is_cpu()) {
+    qx::cpu_set_num_threads(at::get_num_threads());
+    st = qx::dequantize_4bit_cpu(packed.data_ptr<uint8_t>(), view, n, blocksize, qt, out.data_ptr(), ot);
+  } else {
+#ifdef QX_WITH_CUDA
+    QX_CHECK(packed.is_cuda(), "tensors must be on CPU or CUDA, got ", packed.device());
+    const c10::cuda::CUDAGuard guard(packed.device());
+    st = qx::dequantize_4bit_cuda(packed.data_ptr<uint8_t>(), view, n, blocksize, qt, out.data_ptr(), ot,
+                                  stream_of(packed));
+#else
+    QX_CHECK(false, "this build of qlora_ext has no CUDA kernels; got a tensor on ", packed.device());
+    st = Status::kUnsupported;
+#endif
+  }
+  check_status(st, "dequantize_4bit(packed " + shape_str(packed) + ", shape " + c10::str(shape) + ")");
+}
+
+at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
+                           const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                           double offset, int64_t nested_blocksize, int64_t blocksize, c10::string_view quant_type,
+                           at::IntArrayRef shape, at::ScalarType dtype) {
+  to_dtype(dtype, "the output dtype");
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  dequantize_4bit_out(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize, quant_type,
+                      shape, out);
+  return out;
+}
+
+void check_code256(const at::Tensor& code, const at::Tensor& ref) {
+  check_same_device(ref, code, "code");
+  QX_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256 && code.is_contiguous(),
+           "code must be 256 contiguous float32 values, got ", shape_str(code));
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_8bit(const at::Tensor& A_in, const at::Tensor& code, int64_t blocksize) {
+  QX_CHECK(A_in.scalar_type() == at::kFloat, "8-bit quantization takes float32 input, got ", A_in.scalar_type());
+  QX_CHECK(blocksize > 0, "blocksize must be positive, got ", blocksize);
+  check_code256(code, A_in);
+  at::Tensor A = A_in.contiguous();
+  const int64_t n = A.numel();
+  at::Tensor out = at::empty(A.sizes(), A.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, A.options().dtype(at::kFloat));
+  if (n == 0) return {out, absmax};
+  Status st;
+  if (A.is_cpu()) {
+    qx::cpu_set_num_threads(at::get_num_threads());
+    st = qx::quantize_8bit_cpu(A.data_ptr<float>(), n, blocksize, code.data_ptr<float>(), out.data_ptr<uint8_t>(),
+                               absmax.data_ptr<float>());
+  } else {
+#ifdef QX_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(A.device());
+    st = qx::quantize_8bit_cuda(A.data_ptr<float>(), n, blocksize, code.data_ptr<float>(), out.data_ptr<uint8_t>(),
+                                absmax.data_ptr<float>(), stream_of(A));
+#else
+    QX_CHECK(false, "this build of qlora_ext has no CUDA kernels; got a tensor on ", A.device());
+    st = Status::kUnsupported;
+#endif
+  }
+  QX_CHECK(st != Status::kNonFinite, "the input of shape ", A.sizes(), " contains NaN or Inf");
+  check_status(st, "quantize_8bit(" + shape_str(A) + ")");
+  return {out, absmax};
+}
+
+at::Tensor dequantize_8bit(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                           at::ScalarType dtype) {
+  DType ot = to_dtype(dtype, "the output dtype");
+  QX_CHECK(A.scalar_type() == at::kByte && A.is_contiguous(), "A must be contiguous uint8, got ", shape_str(A));
+  QX_CHECK(blocksize > 0, "blocksize must be positive, got ", blocksize);
+  check_code256(code, A);
+  check_same_device(A, absmax, "absmax");
+  const int64_t n = A.numel(), nblocks = (n + blocksize - 1) / blocksize;
+  QX_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == nblocks && absmax.is_contiguous(),
+           "absmax must be float32 with ", nblocks, " entries for ", n, " elements in blocks of ", blocksize, ", got ",
+           shape_str(absmax));
+  at::Tensor out = at::empty(A.sizes(), A.options().dtype(dtype));
+  if (n == 0) return out;
+  Status st;
+  if (A.is_cpu()) {
+    qx::cpu_set_num_threads(at::get_num_threads());
+    st = qx::dequantize_8bit_cpu(A.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(), n,
+                                 blocksize, out.data_ptr(), ot);
+  } else {
+#ifdef QX_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(A.device());
+    st = qx::dequantize_8bit_cuda(A.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(), n,
+                                  blocksize, out.data_ptr(), ot, stream_of(A));
+#else
+    QX_CHECK(false, "this build of qlora_ext has no CUDA kernels; got a tensor on ", A.device());
+    st = Status::kUnsupported;
+#endif
+  }
+  check_status(st, "dequantize_8bit(" + shape_str(A) + ")");
+  return out;
+}
+
+at::Tensor code_table(c10::string_view name) {
+  const float* p = nullptr;
+  int64_t len = 256;
+  if (name == "nf4") p = qx::code4(QuantType::kNF4), len = 16;
+  else if (name == "fp4") p = qx::code4(QuantType::kFP4), len = 16;
+  else if (name == "dynamic_signed") p = qx::dynamic_map(true);
+  else if (name == "dynamic_unsigned") p = qx::dynamic_map(false);
+  QX_CHECK(p != nullptr, "unknown code table '", std::string(name),
+           "' (nf4, fp4, dynamic_signed, dynamic_unsigned)");
+  return at::from_blob(const_cast<float*>(p), {len}, at::kFloat).clone();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qlora_ext, m) {
+  m.def("quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)");
+  m.def(
+      "dequantize_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
+      "int nested_blocksize, int blocksize, str quant_type, int[] shape, ScalarType dtype) -> Tensor");
+  m.def(
+      "dequantize_4bit.out(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
+      "int nested_blocksize, int blocksize, str quant_type, int[] shape, *, Tensor(a!) out) -> ()");
+  m.def("quantize_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)");
+  m.def("dequantize_8bit(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
+  m.def("code_table(str name) -> Tensor");
+  m.impl("code_table", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(code_table));
+}
+
+TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
+  m.impl("quantize_4bit", TORCH_FN(quantize_4bit));
+  m.impl("dequantize_4bit", TORCH_FN(dequantize_4bit));
+  m.impl("dequantize_4bit.out", TORCH_FN(dequantize_4bit_out));
+  m.impl("quantize_8bit", TORCH_FN(quantize_8bit));
+  m.impl("dequantize_8bit", TORCH_FN(dequantize_8bit));
+}
+
+#ifdef QX_WITH_CUDA
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
+  m.impl("quantize_4bit", TORCH_FN(quantize_4bit));
+  m.impl("dequantize_4bit", TORCH_FN(dequantize_4bit));
+  m.impl("dequantize_4bit.out", TORCH_FN(dequantize_4bit_out));
+  m.impl("quantize_8bit", TORCH_FN(quantize_8bit));
+  m.impl("dequantize_8bit", TORCH_FN(dequantize_8bit));
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "qlora_ext native kernels (ops are registered under torch.ops.qlora_ext)";
+  mod.def("cpu_isa", [] { return std::string(qx::cpu_isa()); }, "instruction set the CPU kernels use");
+#ifdef QX_WITH_CUDA
+  mod.attr("with_cuda") = true;
+#else
+  mod.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,79 @@
+"""Loads the native ops (torch.ops.qlora_ext.*) and registers their fake kernels for torch.compile / opcheck.
+
+Each fake kernel applies the same shape rules as the C++ checks in csrc/torch/ops.cpp.
+"""
+import math
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers the ops)
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "qlora_ext's native extension failed to load. It must be compiled against the installed torch "
+        f"({torch.__version__}); reinstall with `pip install --no-build-isolation .`. Cause: {exc}") from exc
+
+ops = torch.ops.qlora_ext
+VALID_BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.register_fake("qlora_ext::quantize_4bit")
+def _quantize_4bit_fake(A, blocksize, quant_type):
+    torch._check(blocksize in VALID_BLOCKSIZES_4BIT, lambda: f"blocksize must be one of {VALID_BLOCKSIZES_4BIT}")
+    torch._check(quant_type in ("nf4", "fp4"), lambda: f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    torch._check(A.dtype in FLOAT_DTYPES, lambda: f"A must be float32, float16 or bfloat16, got {A.dtype}")
+    n = A.numel()
+    return (A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+            A.new_empty((-(-n // blocksize),), dtype=torch.float32))
+
+
+def _dequantize_4bit_check(packed, absmax, nested_absmax, blocksize, quant_type, shape):
+    torch._check(blocksize in VALID_BLOCKSIZES_4BIT, lambda: f"blocksize must be one of {VALID_BLOCKSIZES_4BIT}")
+    torch._check(quant_type in ("nf4", "fp4"), lambda: f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    n = math.prod(shape)
+    torch._check(packed.numel() * packed.element_size() == (n + 1) // 2,
+                 lambda: f"packed weight has {packed.numel() * packed.element_size()} bytes, shape {list(shape)} "
+                         f"needs {(n + 1) // 2}")
+    torch._check(absmax.numel() == -(-n // blocksize), lambda: "absmax length does not match shape and blocksize")
+    torch._check((absmax.dtype == torch.uint8) == (nested_absmax is not None),
+                 lambda: "absmax must be uint8 exactly when double-quantized")
+
+
+@torch.library.register_fake("qlora_ext::dequantize_4bit")
+def _dequantize_4bit_fake(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize,
+                          quant_type, shape, dtype):
+    _dequantize_4bit_check(packed, absmax, nested_absmax, blocksize, quant_type, shape)
+    torch._check(dtype in FLOAT_DTYPES, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.register_fake("qlora_ext::dequantize_4bit.out")
+def _dequantize_4bit_out_fake(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize,
+                              quant_type, shape, *, out):
+    _dequantize_4bit_check(packed, absmax, nested_absmax, blocksize, quant_type, shape)
+    torch._check(out.numel() == math.prod(shape), lambda: "out has the wrong number of elements")
+
+
+@torch.library.register_fake("qlora_ext::quantize_8bit")
+def _quantize_8bit_fake(A, code, blocksize):
+    torch._check(A.dtype == torch.float32, lambda: f"8-bit quantization takes float32, got {A.dtype}")
+    torch._check(blocksize > 0, lambda: "blocksize must be positive")
+    return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((-(-A.numel() // blocksize),), dtype=torch.float32)
+
+
+@torch.library.register_fake("qlora_ext::dequantize_8bit")
+def _dequantize_8bit_fake(A, absmax, code, blocksize, dtype):
+    torch._check(A.dtype == torch.uint8, lambda: f"A must be uint8, got {A.dtype}")
+    torch._check(absmax.numel() == -(-A.numel() // blocksize), lambda: "absmax length does not match A")
+    return A.new_empty(A.shape, dtype=dtype)
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels chose at run time: 'avx512', 'avx2' or 'scalar'."""
+    return _C.cpu_isa()
+
+
+def with_cuda() -> bool:
+    """Whether this build has the CUDA kernels."""
+    return bool(_C.with_cuda)

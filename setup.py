@@ -1,0 +1,68 @@
+"""Build qlora_ext: the C++ CPU kernels always; the CUDA kernels when torch has CUDA and nvcc is found.
+
+Environment:
+  QLORA_EXT_CUDA=1|0        force the CUDA kernels on (error if impossible) or off; default: auto
+  QLORA_EXT_CUDA_ARCH_LIST  e.g. "8.0;9.0" (default: "8.0;9.0", or TORCH_CUDA_ARCH_LIST when set)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+except ImportError as exc:  # pragma: no cover - reported to the user by pip
+    raise SystemExit(
+        "qlora_ext compiles against the installed PyTorch: install torch first "
+        "(pip install torch), then pip install --no-build-isolation .") from exc
+
+
+def want_cuda():
+    flag = os.environ.get("QLORA_EXT_CUDA", "auto").strip().lower()
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    possible = torch.version.cuda is not None and bool(nvcc)
+    if flag in ("0", "false", "off", "no"):
+        print("qlora_ext: QLORA_EXT_CUDA=0, building the CPU kernels only")
+        return False
+    if flag in ("1", "true", "on", "yes"):
+        if not possible:
+            raise SystemExit(f"qlora_ext: QLORA_EXT_CUDA=1 but torch.version.cuda={torch.version.cuda!r} "
+                             f"and nvcc={'found' if nvcc else 'not found'}")
+        return True
+    if not possible:
+        why = "torch is a CPU build" if torch.version.cuda is None else "nvcc was not found"
+        print(f"qlora_ext: skipping the CUDA kernels ({why}); building the CPU kernels only")
+    return possible
+
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+cpu_sources = sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/quant/*_cpu.cpp") +
+                     glob.glob("csrc/torch/*.cpp"))
+cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
+
+if want_cuda():
+    arch = os.environ.get("QLORA_EXT_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    print(f"qlora_ext: building the CUDA kernels for {arch}")
+    ext = CUDAExtension(
+        "qlora_ext._C",
+        cpu_sources + sorted(glob.glob("csrc/quant/*.cu")),
+        define_macros=[("QX_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]},
+    )
+else:
+    ext = CppExtension("qlora_ext._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
+
+setup(
+    name="qlora_ext",
+    version="0.1.0",
+    description="QLoRA: NF4/FP4 4-bit quantization kernels (CPU and CUDA) and 4-bit LoRA fine-tuning for PyTorch",
+    packages=find_packages(include=["qlora_ext", "qlora_ext.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy", "safetensors"],
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
