@@ -62,6 +62,7 @@ setup(
     packages=find_packages(include=["qlora_ext", "qlora_ext.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "safetensors"],
+    extras_require={"test": ["pytest"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

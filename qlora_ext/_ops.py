@@ -9,9 +9,14 @@ import torch
 try:
     from . import _C  # noqa: F401  (registers the ops)
 except ImportError as exc:  # pragma: no cover - depends on the install
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    hint = (" You are importing the source tree (" + here + "), which has no compiled _C: run from another "
+            "directory, use `pytest` rather than `python -m pytest`, or build in place with "
+            "`pip install --no-build-isolation -e .`.") if os.path.exists(os.path.join(here, "..", "setup.py")) else ""
     raise ImportError(
         "qlora_ext's native extension failed to load. It must be compiled against the installed torch "
-        f"({torch.__version__}); reinstall with `pip install --no-build-isolation .`. Cause: {exc}") from exc
+        f"({torch.__version__}); reinstall with `pip install --no-build-isolation .`.{hint} Cause: {exc}") from exc
 
 ops = torch.ops.qlora_ext
 VALID_BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -48,6 +48,8 @@ class QuantState:
         self.quant_type = quant_type
         self.code = code if code is not None else get_code(quant_type, absmax.device)
         self.offset = offset
+        # read once here: a .item() inside dequantize_4bit would be a graph break under torch.compile
+        self.offset_value = float(offset.item()) if offset is not None else 0.0
         self.nested_absmax = nested_absmax
         self.nested_code = nested_code
         self.nested_blocksize = int(nested_blocksize)
@@ -81,7 +83,7 @@ class QuantState:
                 "dtype": str(self.dtype).replace("torch.", ""), "shape": list(self.shape)}
         if self.nested:
             meta.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
-                        nested_offset=float(self.offset.item()))
+                        nested_offset=self.offset_value)
         return json.dumps(meta).encode("utf-8")
 
     def as_dict(self, prefix: str = "") -> Dict[str, torch.Tensor]:
@@ -238,7 +240,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: Optional[torch
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
     nested = state.nested
     args = (packed.reshape(-1), state.absmax, state.nested_absmax if nested else None,
-            state.nested_code if nested else None, float(state.offset) if nested else 0.0,
+            state.nested_code if nested else None, state.offset_value,
             state.nested_blocksize, state.blocksize, state.quant_type, list(state.shape))
     if out is None:
         return ops.dequantize_4bit(*args, state.dtype)

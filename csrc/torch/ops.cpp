@@ -95,6 +95,16 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, int64_t
   return {packed, absmax};
 }
 
+int64_t checked_numel(at::IntArrayRef shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    QX_CHECK(d >= 0, "shape ", shape, " has a negative dimension");
+    QX_CHECK(d == 0 || n <= (int64_t(1) << 62) / d, "shape ", shape, " is too large");
+    n *= d;
+  }
+  return n;
+}
+
 void dequantize_4bit_out(const at::Tensor& packed_in, const at::Tensor& absmax,
                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
                          double offset, int64_t nested_blocksize, int64_t blocksize, c10::string_view quant_type,
@@ -102,12 +112,7 @@ void dequantize_4bit_out(const at::Tensor& packed_in, const at::Tensor& absmax,
   QuantType qt = to_quant_type(quant_type);
   check_blocksize_4bit(blocksize);
   DType ot = to_dtype(out.scalar_type(), "the output dtype");
-  int64_t n = 1;
-  for (int64_t d : shape) {
-    QX_CHECK(d >= 0, "shape ", shape, " has a negative dimension");
-    QX_CHECK(d == 0 || n <= (int64_t(1) << 62) / d, "shape ", shape, " is too large");
-    n *= d;
-  }
+  const int64_t n = checked_numel(shape);
   // Any quant_storage dtype is the same bytes (FSDP stores them as bfloat16 / float32).
   at::Tensor packed = packed_in.scalar_type() == at::kByte ? packed_in : packed_in.view(at::kByte);
   QX_CHECK(packed.is_contiguous(), "the packed weight must be contiguous");
@@ -168,6 +173,7 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
                            double offset, int64_t nested_blocksize, int64_t blocksize, c10::string_view quant_type,
                            at::IntArrayRef shape, at::ScalarType dtype) {
   to_dtype(dtype, "the output dtype");
+  checked_numel(shape);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   dequantize_4bit_out(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize, quant_type,
                       shape, out);
