@@ -45,9 +45,9 @@ def _use_target_torch():
 
 
 def get_requires_for_build_wheel(config_settings=None):
-    reqs = list(_orig.get_requires_for_build_wheel(config_settings))
-    extra = ["pybind11", "ninja"] + ([] if _use_target_torch() else ["torch"])
-    return reqs + extra
+    # setup.py declares no setup_requires, so this is the whole list (and setup.py is not run here:
+    # it imports torch, which may only become importable through _use_target_torch)
+    return ["setuptools>=64", "wheel", "pybind11", "ninja"] + ([] if _use_target_torch() else ["torch"])
 
 
 def get_requires_for_build_editable(config_settings=None):
