@@ -40,7 +40,7 @@ def want_cuda():
 ROOT = os.path.dirname(os.path.abspath(__file__))
 cpu_sources = sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/quant/*_cpu.cpp") +
                      glob.glob("csrc/torch/*.cpp"))
-cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
+cxx_flags = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
 
 if want_cuda():
     arch = os.environ.get("QLORA_EXT_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"

@@ -13,7 +13,6 @@ import sys
 
 from setuptools import build_meta as _orig
 
-prepare_metadata_for_build_wheel = _orig.prepare_metadata_for_build_wheel
 build_sdist = _orig.build_sdist
 get_requires_for_build_sdist = _orig.get_requires_for_build_sdist
 
@@ -64,5 +63,11 @@ def build_editable(wheel_directory, config_settings=None, metadata_directory=Non
     return _orig.build_editable(wheel_directory, config_settings, metadata_directory)
 
 
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    _use_target_torch()  # every hook runs in a fresh process, and setup.py imports torch
+    return _orig.prepare_metadata_for_build_wheel(metadata_directory, config_settings)
+
+
 def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
+    _use_target_torch()
     return _orig.prepare_metadata_for_build_editable(metadata_directory, config_settings)
