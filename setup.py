@@ -38,8 +38,7 @@ def want_cuda():
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-cpu_sources = sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/quant/*_cpu.cpp") +
-                     glob.glob("csrc/torch/*.cpp"))
+cpu_sources = sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/*/*_cpu.cpp") + glob.glob("csrc/torch/*.cpp"))
 cxx_flags = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
 
 if want_cuda():
@@ -48,7 +47,7 @@ if want_cuda():
     print(f"qlora_ext: building the CUDA kernels for {arch}")
     ext = CUDAExtension(
         "qlora_ext._C",
-        cpu_sources + sorted(glob.glob("csrc/quant/*.cu")),
+        cpu_sources + sorted(glob.glob("csrc/*/*.cu")),
         define_macros=[("QX_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]},
     )

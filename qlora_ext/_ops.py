@@ -82,3 +82,41 @@ def cpu_isa() -> str:
 def with_cuda() -> bool:
     """Whether this build has the CUDA kernels."""
     return bool(_C.with_cuda)
+
+
+def _matmul_check(x_last, packed, absmax, nested_absmax, blocksize, quant_type, shape, what):
+    torch._check(len(shape) == 2, lambda: f"the 4-bit weight must be 2-D [N, K], got shape {list(shape)}")
+    _dequantize_4bit_check(packed, absmax, nested_absmax, blocksize, quant_type, shape)
+    torch._check(x_last == shape[what], lambda: f"last dimension {x_last} does not match weight shape {list(shape)}")
+
+
+@torch.library.register_fake("qlora_ext::matmul_4bit")
+def _matmul_4bit_fake(x, packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize, quant_type,
+                      shape):
+    _matmul_check(x.shape[-1], packed, absmax, nested_absmax, blocksize, quant_type, shape, 1)
+    torch._check(x.dtype in FLOAT_DTYPES, lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.register_fake("qlora_ext::matmul_4bit_t")
+def _matmul_4bit_t_fake(grad, packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize,
+                        quant_type, shape):
+    _matmul_check(grad.shape[-1], packed, absmax, nested_absmax, blocksize, quant_type, shape, 0)
+    return grad.new_empty((*grad.shape[:-1], shape[1]))
+
+
+def _matmul_setup(ctx, inputs, output):
+    _, packed, absmax, nested_absmax, nested_code, *meta = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code)
+    ctx.meta = meta
+
+
+def _matmul_backward(ctx, grad):
+    # The 4-bit weight is frozen: only x gets a gradient, grad @ W through the dequantized weight.
+    packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
+    gx = ops.matmul_4bit_t(grad, packed, absmax, nested_absmax, nested_code, *ctx.meta) \
+        if ctx.needs_input_grad[0] else None
+    return (gx,) + (None,) * 9
+
+
+torch.library.register_autograd("qlora_ext::matmul_4bit", _matmul_backward, setup_context=_matmul_setup)

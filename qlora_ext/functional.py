@@ -250,6 +250,29 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: Optional[torch
     return out
 
 
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`x[..., K] @ W.T (+ bias)` with W the 4-bit [N, K] weight of (packed, state); output in x's dtype.
+
+    Differentiable in x (through the dequantized weight) and bias; the 4-bit weight gets no gradient.
+    CPU: a fused dequantize-multiply for up to 8 rows, dequantized row tiles + GEMM above that; CUDA: a
+    GEMV for M <= 4, a tensor-core kernel up to 64 rows, dequantize + cuBLAS above.
+    """
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    if len(state.shape) != 2:
+        raise ValueError(f"matmul_4bit needs a 2-D [N, K] weight, got shape {list(state.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != state.shape[1]:
+        raise ValueError(f"x of shape {list(x.shape)} cannot multiply a weight of shape {list(state.shape)}")
+    nested = state.nested
+    y = ops.matmul_4bit(x, packed.reshape(-1), state.absmax, state.nested_absmax if nested else None,
+                        state.nested_code if nested else None, state.offset_value, state.nested_blocksize,
+                        state.blocksize, state.quant_type, list(state.shape))
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
                        blocksize: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization of float32 `A` with a sorted 256-entry map (default: signed dynamic).

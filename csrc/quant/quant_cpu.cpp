@@ -12,23 +12,14 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../common/convert.h"
 #include "../common/parallel.h"
 #include "codes.h"
 #include "quant.h"
+#include "quant_cpu_detail.h"
 
 namespace qx {
 namespace {
-
-inline float bits_to_float(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return b;
-}
 
 struct Tables {
   float nf4[16], fp4[16], dyn_signed[256], dyn_unsigned[256];
@@ -55,52 +46,6 @@ const Tables& tables() {
   return t;
 }
 
-// ---- element conversions (round to nearest even, NaN kept quiet, as torch does) ----
-inline float half_to_float(uint16_t h) {
-  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000 | (man << 13));
-  if (exp == 0) {
-    float f = std::ldexp(float(man), -24);  // subnormal: exact in float32
-    return sign ? -f : f;
-  }
-  return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
-}
-inline uint16_t float_to_half(float f) {
-  uint32_t x = float_to_bits(f), sign = (x >> 16) & 0x8000;
-  uint32_t ax = x & 0x7fffffff;
-  if (ax >= 0x7f800000) return uint16_t(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));
-  if (ax >= 0x477ff000) return uint16_t(sign | 0x7c00);  // rounds to >= 65520: overflow to inf
-  if (ax < 0x38800000) {                                  // below the smallest normal half
-    // add a magic number so the FPU does the round-to-nearest-even of the subnormal mantissa
-    float r = bits_to_float(ax) + 0.5f;
-    return uint16_t(sign | (float_to_bits(r) - 0x3f000000));
-  }
-  uint32_t mant_odd = (ax >> 13) & 1;
-  ax += 0xc8000fff + mant_odd;  // rebias exponent (-112 << 23) and round
-  return uint16_t(sign | (ax >> 13));
-}
-inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
-inline uint16_t float_to_bf16(float f) {
-  uint32_t x = float_to_bits(f);
-  if ((x & 0x7fffffff) > 0x7f800000) return uint16_t((x >> 16) | 0x40);
-  return uint16_t((x + 0x7fff + ((x >> 16) & 1)) >> 16);
-}
-
-inline float load_elem(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::kFloat32: return static_cast<const float*>(p)[i];
-    case DType::kFloat16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
-    default: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-  }
-}
-inline void store_elem(void* p, DType t, int64_t i, float v) {
-  switch (t) {
-    case DType::kFloat32: static_cast<float*>(p)[i] = v; break;
-    case DType::kFloat16: static_cast<uint16_t*>(p)[i] = float_to_half(v); break;
-    default: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
-  }
-}
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline float block_scale(const AbsmaxView& s, int64_t b) {
@@ -112,16 +57,17 @@ inline float block_scale(const AbsmaxView& s, int64_t b) {
 // ---- dequantize one block range, per ISA ----
 // Each kernel handles blocks [b0, b1); elements of a block are [b*bs, min(n, (b+1)*bs)).
 
-void dequant4_scalar(const uint8_t* packed, const AbsmaxView& s, int64_t n, int64_t bs, const float* code,
-                     void* out, DType ot, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    float a = block_scale(s, b);
-    int64_t e0 = b * bs, e1 = std::min(n, e0 + bs);
-    for (int64_t i = e0; i < e1; ++i) {
+// Each kernel writes elements [e0, e1) of the flat tensor to out[0 .. e1 - e0), one block segment at a time.
+void dequant4_scalar(const uint8_t* packed, const AbsmaxView& s, int64_t bs, const float* code, void* out, DType ot,
+                     int64_t e0, int64_t e1) {
+  for (int64_t seg = e0; seg < e1;) {
+    const int64_t b = seg / bs, seg_end = std::min(e1, (b + 1) * bs);
+    const float a = block_scale(s, b);
+    for (int64_t i = seg; i < seg_end; ++i) {
       uint8_t byte = packed[i >> 1];
-      uint8_t nib = (i & 1) ? (byte & 0xf) : (byte >> 4);
-      store_elem(out, ot, i, code[nib] * a);
+      store_elem(out, ot, i - e0, code[(i & 1) ? (byte & 0xf) : (byte >> 4)] * a);
     }
+    seg = seg_end;
   }
 }
 
@@ -170,23 +116,29 @@ QX_AVX2 inline void avx2_store8(void* out, DType ot, int64_t i, __m256 v) {
   }
 }
 
-QX_AVX2 void dequant4_avx2(const uint8_t* packed, const AbsmaxView& s, int64_t n, int64_t bs, const float* code,
-                           void* out, DType ot, int64_t b0, int64_t b1) {
+QX_AVX2 void dequant4_avx2(const uint8_t* packed, const AbsmaxView& s, int64_t bs, const float* code, void* out,
+                           DType ot, int64_t e0, int64_t e1) {
   const __m256 lut_lo = _mm256_loadu_ps(code), lut_hi = _mm256_loadu_ps(code + 8);
-  for (int64_t b = b0; b < b1; ++b) {
-    float a = block_scale(s, b);
+  for (int64_t seg = e0; seg < e1;) {
+    const int64_t b = seg / bs, seg_end = std::min(e1, (b + 1) * bs);
+    const float a = block_scale(s, b);
     const __m256 va = _mm256_set1_ps(a);
-    int64_t e0 = b * bs, e1 = std::min(n, e0 + bs), i = e0;
-    for (; i + 16 <= e1; i += 16) {
+    int64_t i = seg;
+    if (i & 1) {  // a segment starting mid-byte (odd row length): one element to reach a byte boundary
+      store_elem(out, ot, i - e0, code[packed[i >> 1] & 0xf] * a);
+      ++i;
+    }
+    for (; i + 16 <= seg_end; i += 16) {
       __m256 v0, v1;
       avx2_unpack16(packed + (i >> 1), lut_lo, lut_hi, va, &v0, &v1);
-      avx2_store8(out, ot, i, v0);
-      avx2_store8(out, ot, i + 8, v1);
+      avx2_store8(out, ot, i - e0, v0);
+      avx2_store8(out, ot, i - e0 + 8, v1);
     }
-    for (; i < e1; ++i) {
+    for (; i < seg_end; ++i) {
       uint8_t byte = packed[i >> 1];
-      store_elem(out, ot, i, code[(i & 1) ? (byte & 0xf) : (byte >> 4)] * a);
+      store_elem(out, ot, i - e0, code[(i & 1) ? (byte & 0xf) : (byte >> 4)] * a);
     }
+    seg = seg_end;
   }
 }
 
@@ -211,28 +163,34 @@ QX_AVX512 inline void avx512_store16(void* out, DType ot, int64_t i, __m512 v) {
   }
 }
 
-QX_AVX512 void dequant4_avx512(const uint8_t* packed, const AbsmaxView& s, int64_t n, int64_t bs,
-                               const float* code, void* out, DType ot, int64_t b0, int64_t b1) {
+QX_AVX512 void dequant4_avx512(const uint8_t* packed, const AbsmaxView& s, int64_t bs, const float* code,
+                               void* out, DType ot, int64_t e0, int64_t e1) {
   const __m512 lut = _mm512_loadu_ps(code);  // the whole 16-entry code fits one register
   const __m512i dup0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i dup1 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
   const __m512i shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
   const __m512i mask = _mm512_set1_epi32(0xf);
-  for (int64_t b = b0; b < b1; ++b) {
-    float a = block_scale(s, b);
+  for (int64_t seg = e0; seg < e1;) {
+    const int64_t b = seg / bs, seg_end = std::min(e1, (b + 1) * bs);
+    const float a = block_scale(s, b);
     const __m512 va = _mm512_set1_ps(a);
-    int64_t e0 = b * bs, e1 = std::min(n, e0 + bs), i = e0;
-    for (; i + 32 <= e1; i += 32) {
+    int64_t i = seg;
+    if (i & 1) {  // a segment starting mid-byte (odd row length): one element to reach a byte boundary
+      store_elem(out, ot, i - e0, code[packed[i >> 1] & 0xf] * a);
+      ++i;
+    }
+    for (; i + 32 <= seg_end; i += 32) {
       __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1))));
       __m512i n0 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(dup0, w), shifts), mask);
       __m512i n1 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(dup1, w), shifts), mask);
-      avx512_store16(out, ot, i, _mm512_mul_ps(_mm512_permutexvar_ps(n0, lut), va));
-      avx512_store16(out, ot, i + 16, _mm512_mul_ps(_mm512_permutexvar_ps(n1, lut), va));
+      avx512_store16(out, ot, i - e0, _mm512_mul_ps(_mm512_permutexvar_ps(n0, lut), va));
+      avx512_store16(out, ot, i - e0 + 16, _mm512_mul_ps(_mm512_permutexvar_ps(n1, lut), va));
     }
-    for (; i < e1; ++i) {
+    for (; i < seg_end; ++i) {
       uint8_t byte = packed[i >> 1];
-      store_elem(out, ot, i, code[(i & 1) ? (byte & 0xf) : (byte >> 4)] * a);
+      store_elem(out, ot, i - e0, code[(i & 1) ? (byte & 0xf) : (byte >> 4)] * a);
     }
+    seg = seg_end;
   }
 }
 
@@ -260,6 +218,18 @@ Isa isa() {
 }
 
 }  // namespace
+
+namespace detail {
+void dequantize_4bit_range(const uint8_t* packed, const AbsmaxView& scales, int64_t bs, const float* code, void* out,
+                           DType ot, int64_t e0, int64_t e1) {
+  switch (isa()) {
+    case Isa::kAvx512: dequant4_avx512(packed, scales, bs, code, out, ot, e0, e1); break;
+    case Isa::kAvx2: dequant4_avx2(packed, scales, bs, code, out, ot, e0, e1); break;
+    default: dequant4_scalar(packed, scales, bs, code, out, ot, e0, e1); break;
+  }
+}
+int isa_level() { return static_cast<int>(isa()); }
+}  // namespace detail
 
 bool valid_blocksize_4bit(int64_t bs) {
   for (int64_t v = 32; v <= 4096; v *= 2)
@@ -370,15 +340,11 @@ Status dequantize_4bit_cpu(const uint8_t* packed, const AbsmaxView& scales, int6
                             : !scales.absmax)
     return Status::kInvalidArgument;
   const float* code = code4(qt);
-  int64_t nblocks = ceil_div(n, bs);
-  Isa use = isa();
   // ~64 KiB of output per task keeps the two cores busy without splitting tiny tensors
-  parallel_for(nblocks, std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
-    switch (use) {
-      case Isa::kAvx512: dequant4_avx512(packed, scales, n, bs, code, out, ot, b0, b1); break;
-      case Isa::kAvx2: dequant4_avx2(packed, scales, n, bs, code, out, ot, b0, b1); break;
-      default: dequant4_scalar(packed, scales, n, bs, code, out, ot, b0, b1); break;
-    }
+  parallel_for(ceil_div(n, bs), std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
+    const int64_t e0 = b0 * bs, e1 = std::min(n, b1 * bs);
+    char* o = static_cast<char*>(out) + e0 * dtype_size(ot);
+    detail::dequantize_4bit_range(packed, scales, bs, code, o, ot, e0, e1);
   });
   return Status::kOk;
 }

@@ -1,63 +1,12 @@
 // The torch layer: one schema registry (TORCH_LIBRARY) for every qlora_ext op, host-side argument checks
 // that run before any kernel reads memory, and CPU / CUDA dispatch onto the torch-free launchers.
-#include <torch/extension.h>
 #include <torch/library.h>
 
-#ifdef QX_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
-#include "../quant/quant.h"
+#include "common.h"
 
 namespace {
 
-using qx::DType;
-using qx::QuantType;
-using qx::Status;
-
-#define QX_CHECK(cond, ...) TORCH_CHECK(cond, "qlora_ext: ", __VA_ARGS__)
-
-DType to_dtype(at::ScalarType t, const char* what) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: QX_CHECK(false, what, " must be float32, float16 or bfloat16, got ", t);
-  }
-  return DType::kFloat32;
-}
-
-QuantType to_quant_type(c10::string_view s) {
-  if (s == "nf4") return QuantType::kNF4;
-  if (s == "fp4") return QuantType::kFP4;
-  QX_CHECK(false, "quant_type must be 'nf4' or 'fp4', got '", std::string(s), "'");
-  return QuantType::kNF4;
-}
-
-void check_status(Status st, const std::string& context) {
-  QX_CHECK(st == Status::kOk, context, ": ", qx::status_string(st));
-}
-
-void check_blocksize_4bit(int64_t bs) {
-  QX_CHECK(qx::valid_blocksize_4bit(bs), "blocksize must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096, got ",
-           bs);
-}
-
-void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  QX_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the packed weight is on ", ref.device());
-}
-
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes() << " " << t.scalar_type();
-  return os.str();
-}
-
-#ifdef QX_WITH_CUDA
-void* stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
-#endif
-
+using namespace qx_torch;
 // ------------------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, int64_t blocksize,
@@ -95,60 +44,20 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, int64_t
   return {packed, absmax};
 }
 
-int64_t checked_numel(at::IntArrayRef shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) {
-    QX_CHECK(d >= 0, "shape ", shape, " has a negative dimension");
-    QX_CHECK(d == 0 || n <= (int64_t(1) << 62) / d, "shape ", shape, " is too large");
-    n *= d;
-  }
-  return n;
-}
-
 void dequantize_4bit_out(const at::Tensor& packed_in, const at::Tensor& absmax,
                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
                          double offset, int64_t nested_blocksize, int64_t blocksize, c10::string_view quant_type,
                          at::IntArrayRef shape, at::Tensor& out) {
-  QuantType qt = to_quant_type(quant_type);
-  check_blocksize_4bit(blocksize);
   DType ot = to_dtype(out.scalar_type(), "the output dtype");
   const int64_t n = checked_numel(shape);
-  // Any quant_storage dtype is the same bytes (FSDP stores them as bfloat16 / float32).
-  at::Tensor packed = packed_in.scalar_type() == at::kByte ? packed_in : packed_in.view(at::kByte);
-  QX_CHECK(packed.is_contiguous(), "the packed weight must be contiguous");
-  QX_CHECK(packed.numel() == (n + 1) / 2, "packed weight has ", packed.numel(), " bytes but shape ", shape, " needs ",
-           (n + 1) / 2);
+  WeightArgs wa = weight_args(packed_in, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize,
+                              quant_type, n);
+  const at::Tensor& packed = wa.packed;
+  const qx::AbsmaxView& view = wa.view;
+  const QuantType qt = wa.qt;
   QX_CHECK(out.numel() == n && out.is_contiguous(), "out must be a contiguous tensor of ", n, " elements, got ",
            out.sizes());
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  check_same_device(packed, absmax, "absmax");
   check_same_device(packed, out, "out");
-  QX_CHECK(absmax.numel() == nblocks && absmax.is_contiguous(), "absmax has ", absmax.numel(),
-           " entries but shape ", shape, " with blocksize ", blocksize, " has ", nblocks, " blocks");
-  qx::AbsmaxView view;
-  const bool dq = nested_absmax.has_value();
-  QX_CHECK(dq == nested_code.has_value(), "nested_absmax and nested_code must be given together");
-  if (dq) {
-    QX_CHECK(absmax.scalar_type() == at::kByte, "double-quantized absmax must be uint8, got ", absmax.scalar_type());
-    QX_CHECK(nested_blocksize > 0, "nested_blocksize must be positive, got ", nested_blocksize);
-    const at::Tensor& na = *nested_absmax;
-    const at::Tensor& nc = *nested_code;
-    check_same_device(packed, na, "nested_absmax");
-    check_same_device(packed, nc, "nested_code");
-    const int64_t nnested = (nblocks + nested_blocksize - 1) / nested_blocksize;
-    QX_CHECK(na.scalar_type() == at::kFloat && na.numel() == nnested && na.is_contiguous(),
-             "nested_absmax must be float32 with ", nnested, " entries, got ", shape_str(na));
-    QX_CHECK(nc.scalar_type() == at::kFloat && nc.numel() == 256 && nc.is_contiguous(),
-             "nested_code must be 256 float32 values, got ", shape_str(nc));
-    view.qabsmax = absmax.data_ptr<uint8_t>();
-    view.nested_absmax = na.data_ptr<float>();
-    view.nested_code = nc.data_ptr<float>();
-    view.offset = static_cast<float>(offset);
-    view.nested_blocksize = nested_blocksize;
-  } else {
-    QX_CHECK(absmax.scalar_type() == at::kFloat, "absmax must be float32, got ", absmax.scalar_type());
-    view.absmax = absmax.data_ptr<float>();
-  }
   if (n == 0) return;
   Status st;
   if (packed.is_cpu()) {
@@ -272,6 +181,12 @@ TORCH_LIBRARY(qlora_ext, m) {
   m.def("quantize_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)");
   m.def("dequantize_8bit(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
   m.def("code_table(str name) -> Tensor");
+  m.def(
+      "matmul_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
+      "int nested_blocksize, int blocksize, str quant_type, int[] shape) -> Tensor");
+  m.def(
+      "matmul_4bit_t(Tensor grad, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "float offset, int nested_blocksize, int blocksize, str quant_type, int[] shape) -> Tensor");
   m.impl("code_table", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(code_table));
 }
 

@@ -1,0 +1,36 @@
+// Torch-free launchers for y = x @ W^T with W a 4-bit [N, K] weight (NF4/FP4, plain or double-quantized
+// scales, any block size, K need not be a multiple of the block size). Same conventions as quant.h.
+#pragma once
+#include <cstdint>
+
+#include "../quant/quant.h"
+
+namespace qx {
+
+struct Weight4 {
+  const uint8_t* packed = nullptr;  // (N*K + 1) / 2 bytes, row-major blocks over the flat weight
+  AbsmaxView scales;
+  int64_t N = 0, K = 0, blocksize = 64;
+  QuantType qt = QuantType::kNF4;
+};
+
+// Largest M the fused CPU kernel takes; larger batches go through dequantized row tiles and a GEMM.
+constexpr int64_t kGemvMaxM = 8;
+
+// out[M, N] = x[M, K] @ W^T, x and out contiguous. Reads only the packed bytes and scales (never a float
+// copy of W); float32 accumulation with FMA; multithreaded over N. M <= kGemvMaxM.
+Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void* out, DType odt);
+
+// Rows [n0, n1) of the dequantized W into out ([n1 - n0, K] of odt, contiguous): the tiles of the
+// large-M forward and of the backward (grad_x = grad_y @ W).
+Status dequantize_4bit_rows_cpu(const Weight4& w, int64_t n0, int64_t n1, void* out, DType odt);
+
+// CUDA: the GEMV for small M (16-byte loads of packed weight, scales decoded in-kernel) and a tensor-core
+// kernel for small batches; larger M is dequantize + cuBLAS in the torch layer.
+constexpr int64_t kCudaGemvMaxM = 4;
+constexpr int64_t kCudaSmallMaxM = 64;
+Status gemv_4bit_cuda(const void* x, DType xdt, int64_t M, const Weight4& w, void* out, DType odt, void* stream);
+Status gemm_4bit_small_cuda(const void* x, DType xdt, int64_t M, const Weight4& w, void* out, DType odt,
+                            void* stream);
+
+}  // namespace qx

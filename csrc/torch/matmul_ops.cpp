@@ -1,0 +1,170 @@
+// Torch layer of the 4-bit matmul: y = x @ W^T (forward) and g @ W (the gradient for x), with the dispatch
+// between the fused small-M kernels and dequantized tiles + the platform GEMM (CPU: row tiles of a few MiB,
+// so the whole float weight is never materialized; CUDA: the whole weight, then cuBLAS).
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace {
+
+using namespace qx_torch;
+
+// Rows of W dequantized per tile on CPU: ~8 MiB of float32 keeps the GEMM efficient (few passes over x)
+// while the float weight never exists whole.
+int64_t tile_rows(int64_t N, int64_t K) {
+  int64_t rows = (int64_t(8) << 20) / (4 * K);
+  rows = std::max<int64_t>(16, rows - rows % 16);
+  return std::min(rows, N);
+}
+
+struct MatmulArgs {
+  WeightArgs wa;
+  qx::Weight4 w;
+};
+
+MatmulArgs matmul_args(const at::Tensor& packed, const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
+                       const c10::optional<at::Tensor>& nested_code, double offset, int64_t nested_blocksize,
+                       int64_t blocksize, c10::string_view quant_type, at::IntArrayRef shape) {
+  QX_CHECK(shape.size() == 2, "the 4-bit weight must be 2-D [N, K] for a matmul, got shape ", shape);
+  QX_CHECK(shape[0] > 0 && shape[1] > 0, "the 4-bit weight shape ", shape, " must have positive dimensions");
+  MatmulArgs a;
+  a.wa = weight_args(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize, quant_type,
+                     checked_numel(shape));
+  a.w.packed = a.wa.packed.data_ptr<uint8_t>();
+  a.w.scales = a.wa.view;
+  a.w.N = shape[0];
+  a.w.K = shape[1];
+  a.w.blocksize = blocksize;
+  a.w.qt = a.wa.qt;
+  return a;
+}
+
+// The whole dequantized weight in `dtype` (CUDA large-M path; small tensors).
+at::Tensor dequantized(const MatmulArgs& a, at::ScalarType dtype) {
+  at::Tensor W = at::empty({a.w.N, a.w.K}, a.wa.packed.options().dtype(dtype));
+  Status st;
+  if (W.is_cpu()) {
+    st = qx::dequantize_4bit_rows_cpu(a.w, 0, a.w.N, W.data_ptr(), to_dtype(dtype, "dtype"));
+  } else {
+#ifdef QX_WITH_CUDA
+    st = qx::dequantize_4bit_cuda(a.w.packed, a.w.scales, a.w.N * a.w.K, a.w.blocksize, a.w.qt, W.data_ptr(),
+                                  to_dtype(dtype, "dtype"), stream_of(W));
+#else
+    st = Status::kUnsupported;
+#endif
+  }
+  check_status(st, "dequantize for matmul_4bit");
+  return W;
+}
+
+at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                       const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                       double offset, int64_t nested_blocksize, int64_t blocksize, c10::string_view quant_type,
+                       at::IntArrayRef shape) {
+  MatmulArgs a = matmul_args(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize,
+                             quant_type, shape);
+  const int64_t N = a.w.N, K = a.w.K;
+  DType xdt = to_dtype(x.scalar_type(), "x");
+  QX_CHECK(x.dim() >= 1 && x.size(-1) == K, "x of shape ", x.sizes(), " cannot multiply a 4-bit weight of shape ",
+           shape, " (x's last dimension must be ", K, ")");
+  check_same_device(a.wa.packed, x, "x");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const int64_t M = x.numel() / K;
+  at::Tensor x2 = x.reshape({M, K}).contiguous();
+  if (M == 0) return at::empty(out_shape, x.options());
+
+  if (x.is_cpu()) {
+    qx::cpu_set_num_threads(at::get_num_threads());
+    if (M <= qx::kGemvMaxM) {
+      at::Tensor out = at::empty({M, N}, x.options());
+      check_status(qx::gemv_4bit_cpu(x2.data_ptr(), xdt, M, a.w, out.data_ptr(), xdt),
+                   "matmul_4bit(x " + shape_str(x) + ", W " + c10::str(shape) + ")");
+      return out.view(out_shape);
+    }
+    // Large M: float32 compute on dequantized row tiles, each multiplied by the platform GEMM.
+    at::Tensor xf = x2.to(at::kFloat);
+    at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+    const int64_t tn = tile_rows(N, K);
+    at::Tensor tile = at::empty({tn, K}, x.options().dtype(at::kFloat));
+    for (int64_t n0 = 0; n0 < N; n0 += tn) {
+      const int64_t rows = std::min(tn, N - n0);
+      at::Tensor t = tile.narrow(0, 0, rows);
+      check_status(qx::dequantize_4bit_rows_cpu(a.w, n0, n0 + rows, t.data_ptr(), DType::kFloat32),
+                   "matmul_4bit tile");
+      at::Tensor o = out.narrow(1, n0, rows);  // strides (N, 1): the GEMM writes it in place
+      at::mm_out(o, xf, t.t());
+    }
+    return out.to(x.scalar_type()).view(out_shape);
+  }
+#ifdef QX_WITH_CUDA
+  QX_CHECK(x.is_cuda(), "tensors must be on CPU or CUDA, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (M <= qx::kCudaSmallMaxM) {
+    at::Tensor out = at::empty({M, N}, x.options());
+    Status st = M <= qx::kCudaGemvMaxM
+                    ? qx::gemv_4bit_cuda(x2.data_ptr(), xdt, M, a.w, out.data_ptr(), xdt, stream_of(x))
+                    : qx::gemm_4bit_small_cuda(x2.data_ptr(), xdt, M, a.w, out.data_ptr(), xdt, stream_of(x));
+    check_status(st, "matmul_4bit(x " + shape_str(x) + ", W " + c10::str(shape) + ")");
+    return out.view(out_shape);
+  }
+  return at::mm(x2, dequantized(a, x.scalar_type()).t()).view(out_shape);
+#else
+  QX_CHECK(false, "this build of qlora_ext has no CUDA kernels; got a tensor on ", x.device());
+  return at::Tensor();
+#endif
+}
+
+// grad[..., N] @ W -> [..., K]: the gradient of matmul_4bit with respect to x.
+at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const at::Tensor& absmax,
+                         const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                         double offset, int64_t nested_blocksize, int64_t blocksize, c10::string_view quant_type,
+                         at::IntArrayRef shape) {
+  MatmulArgs a = matmul_args(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize,
+                             quant_type, shape);
+  const int64_t N = a.w.N, K = a.w.K;
+  to_dtype(grad.scalar_type(), "grad");
+  QX_CHECK(grad.dim() >= 1 && grad.size(-1) == N, "grad of shape ", grad.sizes(), " does not match a weight of shape ",
+           shape);
+  check_same_device(a.wa.packed, grad, "grad");
+  std::vector<int64_t> out_shape(grad.sizes().begin(), grad.sizes().end());
+  out_shape.back() = K;
+  const int64_t M = grad.numel() / N;
+  at::Tensor g = grad.reshape({M, N});
+  if (grad.is_cpu()) {
+    qx::cpu_set_num_threads(at::get_num_threads());
+    at::Tensor gf = g.to(at::kFloat).contiguous();
+    at::Tensor out = at::zeros({M, K}, grad.options().dtype(at::kFloat));
+    const int64_t tn = tile_rows(N, K);
+    at::Tensor tile = at::empty({tn, K}, grad.options().dtype(at::kFloat));
+    for (int64_t n0 = 0; n0 < N; n0 += tn) {
+      const int64_t rows = std::min(tn, N - n0);
+      at::Tensor t = tile.narrow(0, 0, rows);
+      check_status(qx::dequantize_4bit_rows_cpu(a.w, n0, n0 + rows, t.data_ptr(), DType::kFloat32),
+                   "matmul_4bit backward tile");
+      out.addmm_(gf.narrow(1, n0, rows), t);
+    }
+    return out.to(grad.scalar_type()).view(out_shape);
+  }
+#ifdef QX_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(grad.device());
+  return at::mm(g, dequantized(a, grad.scalar_type())).view(out_shape);
+#else
+  QX_CHECK(false, "this build of qlora_ext has no CUDA kernels; got a tensor on ", grad.device());
+  return at::Tensor();
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
+  m.impl("matmul_4bit", TORCH_FN(matmul_4bit));
+  m.impl("matmul_4bit_t", TORCH_FN(matmul_4bit_t));
+}
+
+#ifdef QX_WITH_CUDA
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
+  m.impl("matmul_4bit", TORCH_FN(matmul_4bit));
+  m.impl("matmul_4bit_t", TORCH_FN(matmul_4bit_t));
+}
+#endif
