@@ -1,0 +1,92 @@
+// CPU 4-bit matmul kernels: row tiles equal the matching slice of the full dequantize (bit for bit), and
+// the fused GEMV is within 2x the error of a plain float32 dot product against a float64 reference.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "matmul/matmul.h"
+
+using namespace qx;
+
+namespace {
+
+struct Quantized {
+  std::vector<uint8_t> packed;
+  std::vector<float> absmax;
+  Weight4 w;
+};
+
+Quantized make_weight(int64_t N, int64_t K, int64_t bs, QuantType qt, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.0f, 0.05f);
+  std::vector<float> x(N * K);
+  for (auto& v : x) v = dist(gen);
+  Quantized q{std::vector<uint8_t>((N * K + 1) / 2), std::vector<float>((N * K + bs - 1) / bs), {}};
+  EXPECT_EQ(quantize_4bit_cpu(x.data(), DType::kFloat32, N * K, bs, qt, q.packed.data(), q.absmax.data()), Status::kOk);
+  q.w.packed = q.packed.data();
+  q.w.scales.absmax = q.absmax.data();
+  q.w.N = N, q.w.K = K, q.w.blocksize = bs, q.w.qt = qt;
+  return q;
+}
+
+}  // namespace
+
+TEST(MatmulCpu, RowTilesMatchFullDequantize) {
+  for (auto [N, K] : {std::pair<int64_t, int64_t>{7, 33}, {31, 77}, {64, 4096}, {100, 130}}) {
+    Quantized q = make_weight(N, K, 32, QuantType::kNF4, uint32_t(N + K));
+    std::vector<float> full(N * K);
+    ASSERT_EQ(dequantize_4bit_cpu(q.packed.data(), q.w.scales, N * K, 32, QuantType::kNF4, full.data(), DType::kFloat32),
+              Status::kOk);
+    for (int64_t n0 = 0; n0 < N; n0 += 5) {
+      int64_t n1 = std::min(N, n0 + 3);
+      std::vector<float> tile((n1 - n0) * K);
+      ASSERT_EQ(dequantize_4bit_rows_cpu(q.w, n0, n1, tile.data(), DType::kFloat32), Status::kOk);
+      ASSERT_EQ(0, std::memcmp(tile.data(), full.data() + n0 * K, tile.size() * 4)) << N << "x" << K << " n0=" << n0;
+    }
+  }
+}
+
+TEST(MatmulCpu, GemvErrorWithinTwiceNaiveFloat32) {
+  std::mt19937 gen(3);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (auto [N, K] : {std::pair<int64_t, int64_t>{1, 1}, {7, 33}, {129, 97}, {300, 1000}, {64, 4096}})
+    for (QuantType qt : {QuantType::kNF4, QuantType::kFP4})
+      for (int64_t M = 1; M <= kGemvMaxM; M += 3) {
+        Quantized q = make_weight(N, K, 64, qt, uint32_t(N * K + M));
+        std::vector<float> W(N * K), x(M * K), y(M * N);
+        ASSERT_EQ(dequantize_4bit_rows_cpu(q.w, 0, N, W.data(), DType::kFloat32), Status::kOk);
+        for (auto& v : x) v = dist(gen);
+        ASSERT_EQ(gemv_4bit_cpu(x.data(), DType::kFloat32, M, q.w, y.data(), DType::kFloat32), Status::kOk);
+        double err = 0, err_naive = 0, scale = 0;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            double ref = 0;
+            float naive = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              ref += double(x[m * K + k]) * W[n * K + k];
+              naive += x[m * K + k] * W[n * K + k];
+            }
+            err = std::max(err, std::fabs(y[m * N + n] - ref));
+            err_naive = std::max(err_naive, std::fabs(naive - ref));
+            scale = std::max(scale, std::fabs(ref));
+          }
+        EXPECT_LE(err, 2 * err_naive + 1.2e-7 * scale) << "M=" << M << " N=" << N << " K=" << K;
+      }
+}
+
+TEST(MatmulCpu, BadArguments) {
+  Quantized q = make_weight(8, 64, 64, QuantType::kNF4, 1);
+  std::vector<float> x(9 * 64), y(9 * 8);
+  EXPECT_EQ(gemv_4bit_cpu(x.data(), DType::kFloat32, kGemvMaxM + 1, q.w, y.data(), DType::kFloat32),
+            Status::kInvalidArgument);
+  EXPECT_EQ(dequantize_4bit_rows_cpu(q.w, 3, 9, y.data(), DType::kFloat32), Status::kInvalidArgument);
+  Weight4 bad = q.w;
+  bad.blocksize = 48;
+  EXPECT_EQ(gemv_4bit_cpu(x.data(), DType::kFloat32, 1, bad, y.data(), DType::kFloat32), Status::kInvalidArgument);
+  bad = q.w;
+  bad.scales.absmax = nullptr;
+  EXPECT_EQ(gemv_4bit_cpu(x.data(), DType::kFloat32, 1, bad, y.data(), DType::kFloat32), Status::kInvalidArgument);
+}
