@@ -77,6 +77,22 @@ def test_dequantize_random_bytes_matches_reference(device, quant_type, blocksize
                                                                 quant_type))
 
 
+def test_large_output_is_bit_exact():
+    # 32 MiB and more of output take the non-temporal-store path on CPU
+    w = torch.randn(2048, 4096) * 0.02
+    packed, state = F.quantize_4bit(w)
+    scales = R.dequantize_absmax_ref(state.absmax, state.nested_absmax, state.offset)
+    for dtype in (torch.float32, torch.bfloat16):
+        state.dtype = dtype
+        big = torch.cat([packed, packed])  # 4096 x 4096 elements
+        state_big = F.QuantState(torch.cat([state.absmax, state.absmax]), (4096, 4096), dtype, 64, "nf4",
+                                 offset=state.offset, nested_absmax=torch.cat([state.nested_absmax] * 2),
+                                 nested_code=state.nested_code)
+        expect = R.dequantize_4bit_ref(packed, scales, w.shape, dtype)
+        out = F.dequantize_4bit(big, state_big)
+        assert torch.equal(out[:2048], expect) and torch.equal(out[2048:], expect)
+
+
 def test_roundtrip_error_is_bounded(device):
     w = _weights((300, 200), torch.float32, device, seed=1)
     for quant_type in ("nf4", "fp4"):

@@ -14,6 +14,7 @@ namespace qx {
 namespace {
 
 std::atomic<int> g_num_threads{0};
+std::atomic<ParallelBackend> g_backend{nullptr};
 thread_local bool t_in_parallel = false;
 
 class Pool {
@@ -101,9 +102,15 @@ int num_threads() {
   return n;
 }
 
+void set_parallel_backend(ParallelBackend backend) { g_backend.store(backend); }
+
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
+  if (ParallelBackend backend = g_backend.load()) {
+    backend(n, grain, fn);
+    return;
+  }
   int64_t parts = std::min<int64_t>(num_threads(), (n + grain - 1) / grain);
   if (parts <= 1 || t_in_parallel) {
     fn(0, n);

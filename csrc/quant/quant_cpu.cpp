@@ -48,6 +48,14 @@ const Tables& tables() {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+constexpr int64_t kStreamBytes = int64_t(32) << 20;
+
+// Non-temporal stores need the vector's natural alignment; a misaligned segment uses ordinary stores.
+inline bool can_stream(bool stream, const void* out, DType ot, int64_t i, int vec_elems) {
+  uintptr_t addr = reinterpret_cast<uintptr_t>(out) + uintptr_t(i) * dtype_size(ot);
+  return stream && addr % (uintptr_t(vec_elems) * dtype_size(ot)) == 0;
+}
+
 inline float block_scale(const AbsmaxView& s, int64_t b) {
   if (!s.double_quant()) return s.absmax[b];
   float a = s.nested_code[s.qabsmax[b]] * s.nested_absmax[b / s.nested_blocksize];
@@ -72,7 +80,8 @@ void dequant4_scalar(const uint8_t* packed, const AbsmaxView& s, int64_t bs, con
 }
 
 #define QX_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define QX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+// avx512bf16 is in the target so one intrinsic may use it; that path only runs where the CPU has it.
+#define QX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 
 // 8 packed bytes -> 16 floats (two __m256): element 2j is the high nibble of byte j.
 QX_AVX2 inline void avx2_unpack16(const uint8_t* p, __m256 lut_lo, __m256 lut_hi, __m256 va, __m256* v0,
@@ -105,19 +114,21 @@ QX_AVX2 inline __m128i avx2_to_bf16(__m256 v) {
   return _mm256_castsi256_si128(r);
 }
 
-QX_AVX2 inline void avx2_store8(void* out, DType ot, int64_t i, __m256 v) {
+// `stream`: non-temporal store (the caller checked alignment); used for outputs far larger than the caches,
+// where skipping the read-for-ownership of each destination line saves a third of the memory traffic.
+QX_AVX2 inline void avx2_store8(void* out, DType ot, int64_t i, __m256 v, bool stream) {
   if (ot == DType::kFloat32) {
-    _mm256_storeu_ps(static_cast<float*>(out) + i, v);
-  } else if (ot == DType::kFloat16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), avx2_to_bf16(v));
+    float* p = static_cast<float*>(out) + i;
+    stream ? _mm256_stream_ps(p, v) : _mm256_storeu_ps(p, v);
+    return;
   }
+  __m128i h = ot == DType::kFloat16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : avx2_to_bf16(v);
+  __m128i* p = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i);
+  stream ? _mm_stream_si128(p, h) : _mm_storeu_si128(p, h);
 }
 
 QX_AVX2 void dequant4_avx2(const uint8_t* packed, const AbsmaxView& s, int64_t bs, const float* code, void* out,
-                           DType ot, int64_t e0, int64_t e1) {
+                           DType ot, int64_t e0, int64_t e1, bool stream) {
   const __m256 lut_lo = _mm256_loadu_ps(code), lut_hi = _mm256_loadu_ps(code + 8);
   for (int64_t seg = e0; seg < e1;) {
     const int64_t b = seg / bs, seg_end = std::min(e1, (b + 1) * bs);
@@ -128,11 +139,12 @@ QX_AVX2 void dequant4_avx2(const uint8_t* packed, const AbsmaxView& s, int64_t b
       store_elem(out, ot, i - e0, code[packed[i >> 1] & 0xf] * a);
       ++i;
     }
+    const bool nt = can_stream(stream, out, ot, i - e0, 8);
     for (; i + 16 <= seg_end; i += 16) {
       __m256 v0, v1;
       avx2_unpack16(packed + (i >> 1), lut_lo, lut_hi, va, &v0, &v1);
-      avx2_store8(out, ot, i - e0, v0);
-      avx2_store8(out, ot, i - e0 + 8, v1);
+      avx2_store8(out, ot, i - e0, v0, nt);
+      avx2_store8(out, ot, i - e0 + 8, v1, nt);
     }
     for (; i < seg_end; ++i) {
       uint8_t byte = packed[i >> 1];
@@ -152,24 +164,60 @@ QX_AVX512 inline __m256i avx512_to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-QX_AVX512 inline void avx512_store16(void* out, DType ot, int64_t i, __m512 v) {
+QX_AVX512 inline void avx512_store16(void* out, DType ot, int64_t i, __m512 v, bool stream) {
   if (ot == DType::kFloat32) {
-    _mm512_storeu_ps(static_cast<float*>(out) + i, v);
-  } else if (ot == DType::kFloat16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
-                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), avx512_to_bf16(v));
+    float* p = static_cast<float*>(out) + i;
+    stream ? _mm512_stream_ps(p, v) : _mm512_storeu_ps(p, v);
+    return;
   }
+  __m256i h = ot == DType::kFloat16 ? _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                    : avx512_to_bf16(v);
+  __m256i* p = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i);
+  stream ? _mm256_stream_si256(p, h) : _mm256_storeu_si256(p, h);
+}
+
+
+
+// 32 floats -> 32 bfloat16 (round to nearest even), one 64-byte store. `native` uses the CPU's conversion
+// instruction, which flushes subnormals: the caller allows it only for blocks whose every value is normal
+// or zero. The manual path is exact for all finite values (non-finite scales take avx512_store16).
+QX_AVX512 inline void avx512_store32_bf16(void* out, int64_t i, __m512 v0, __m512 v1, bool nt, bool native) {
+  __m512i r;
+  if (native) {
+    r = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0));
+  } else {
+    const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+    __m512i u0 = _mm512_castps_si512(v0), u1 = _mm512_castps_si512(v1);
+    u0 = _mm512_add_epi32(u0, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u0, 16), one)));
+    u1 = _mm512_add_epi32(u1, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u1, 16), one)));
+    // the high 16 bits of every lane of u0 then u1, in order: one two-source word permute
+    const __m512i hi_words = _mm512_setr_epi32(0x00030001, 0x00070005, 0x000b0009, 0x000f000d, 0x00130011,
+                                               0x00170015, 0x001b0019, 0x001f001d, 0x00230021, 0x00270025,
+                                               0x002b0029, 0x002f002d, 0x00330031, 0x00370035, 0x003b0039,
+                                               0x003f003d);
+    r = _mm512_permutex2var_epi16(u0, hi_words, u1);
+  }
+  __m512i* p = reinterpret_cast<__m512i*>(static_cast<uint16_t*>(out) + i);
+  nt ? _mm512_stream_si512(p, r) : _mm512_storeu_si512(p, r);
+}
+
+bool cpu_has_avx512bf16() {
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return v;
 }
 
 QX_AVX512 void dequant4_avx512(const uint8_t* packed, const AbsmaxView& s, int64_t bs, const float* code,
-                               void* out, DType ot, int64_t e0, int64_t e1) {
+                               void* out, DType ot, int64_t e0, int64_t e1, bool stream) {
   const __m512 lut = _mm512_loadu_ps(code);  // the whole 16-entry code fits one register
   const __m512i dup0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i dup1 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
   const __m512i shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-  const __m512i mask = _mm512_set1_epi32(0xf);
+  const bool native_bf16 = cpu_has_avx512bf16();
+  // smallest |scale| for which every non-zero code value times it is a normal float (FLT_MIN / 0.005)
+  constexpr float kBf16NormalScale = 2.4e-36f;
   for (int64_t seg = e0; seg < e1;) {
     const int64_t b = seg / bs, seg_end = std::min(e1, (b + 1) * bs);
     const float a = block_scale(s, b);
@@ -179,12 +227,25 @@ QX_AVX512 void dequant4_avx512(const uint8_t* packed, const AbsmaxView& s, int64
       store_elem(out, ot, i - e0, code[packed[i >> 1] & 0xf] * a);
       ++i;
     }
+    const bool nt = can_stream(stream, out, ot, i - e0, ot == DType::kFloat32 ? 16 : 32);
+    // bfloat16: 0 = generic store (non-finite scale), 1 = manual rounding, 2 = the native instruction when
+    // every value of the block is normal or zero (|code| >= 0.0052 for non-zero codes).
+    int bf = 0;
+    if (ot == DType::kBFloat16 && std::isfinite(a))
+      bf = (native_bf16 && (a == 0.0f || std::fabs(a) >= kBf16NormalScale)) ? 2 : 1;
     for (; i + 32 <= seg_end; i += 32) {
       __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1))));
-      __m512i n0 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(dup0, w), shifts), mask);
-      __m512i n1 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(dup1, w), shifts), mask);
-      avx512_store16(out, ot, i - e0, _mm512_mul_ps(_mm512_permutexvar_ps(n0, lut), va));
-      avx512_store16(out, ot, i - e0 + 16, _mm512_mul_ps(_mm512_permutexvar_ps(n1, lut), va));
+      // vpermps reads only the low 4 bits of each index, so the nibbles need no masking after the shift
+      __m512i n0 = _mm512_srlv_epi32(_mm512_permutexvar_epi32(dup0, w), shifts);
+      __m512i n1 = _mm512_srlv_epi32(_mm512_permutexvar_epi32(dup1, w), shifts);
+      __m512 v0 = _mm512_mul_ps(_mm512_permutexvar_ps(n0, lut), va);
+      __m512 v1 = _mm512_mul_ps(_mm512_permutexvar_ps(n1, lut), va);
+      if (bf) {
+        avx512_store32_bf16(out, i - e0, v0, v1, nt, bf == 2);
+      } else {
+        avx512_store16(out, ot, i - e0, v0, nt);
+        avx512_store16(out, ot, i - e0 + 16, v1, nt);
+      }
     }
     for (; i < seg_end; ++i) {
       uint8_t byte = packed[i >> 1];
@@ -221,12 +282,13 @@ Isa isa() {
 
 namespace detail {
 void dequantize_4bit_range(const uint8_t* packed, const AbsmaxView& scales, int64_t bs, const float* code, void* out,
-                           DType ot, int64_t e0, int64_t e1) {
+                           DType ot, int64_t e0, int64_t e1, bool stream) {
   switch (isa()) {
-    case Isa::kAvx512: dequant4_avx512(packed, scales, bs, code, out, ot, e0, e1); break;
-    case Isa::kAvx2: dequant4_avx2(packed, scales, bs, code, out, ot, e0, e1); break;
+    case Isa::kAvx512: dequant4_avx512(packed, scales, bs, code, out, ot, e0, e1, stream); break;
+    case Isa::kAvx2: dequant4_avx2(packed, scales, bs, code, out, ot, e0, e1, stream); break;
     default: dequant4_scalar(packed, scales, bs, code, out, ot, e0, e1); break;
   }
+  if (stream) _mm_sfence();  // make the non-temporal stores visible before the caller's join
 }
 int isa_level() { return static_cast<int>(isa()); }
 }  // namespace detail
@@ -340,11 +402,14 @@ Status dequantize_4bit_cpu(const uint8_t* packed, const AbsmaxView& scales, int6
                             : !scales.absmax)
     return Status::kInvalidArgument;
   const float* code = code4(qt);
+  // Outputs well beyond the last-level cache go around it (non-temporal stores); smaller ones stay cached
+  // for the consumer that reads them next.
+  const bool stream = n * dtype_size(ot) >= kStreamBytes;
   // ~64 KiB of output per task keeps the two cores busy without splitting tiny tensors
   parallel_for(ceil_div(n, bs), std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
     const int64_t e0 = b0 * bs, e1 = std::min(n, b1 * bs);
     char* o = static_cast<char*>(out) + e0 * dtype_size(ot);
-    detail::dequantize_4bit_range(packed, scales, bs, code, o, ot, e0, e1);
+    detail::dequantize_4bit_range(packed, scales, bs, code, o, ot, e0, e1, stream);
   });
   return Status::kOk;
 }

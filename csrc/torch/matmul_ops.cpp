@@ -75,7 +75,6 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   if (M == 0) return at::empty(out_shape, x.options());
 
   if (x.is_cpu()) {
-    qx::cpu_set_num_threads(at::get_num_threads());
     if (M <= qx::kGemvMaxM) {
       at::Tensor out = at::empty({M, N}, x.options());
       check_status(qx::gemv_4bit_cpu(x2.data_ptr(), xdt, M, a.w, out.data_ptr(), xdt),
@@ -132,7 +131,6 @@ at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const
   const int64_t M = grad.numel() / N;
   at::Tensor g = grad.reshape({M, N});
   if (grad.is_cpu()) {
-    qx::cpu_set_num_threads(at::get_num_threads());
     at::Tensor gf = g.to(at::kFloat).contiguous();
     at::Tensor out = at::zeros({M, K}, grad.options().dtype(at::kFloat));
     const int64_t tn = tile_rows(N, K);

@@ -3,6 +3,8 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "../common/parallel.h"
+#include <ATen/Parallel.h>
 
 namespace {
 
@@ -22,7 +24,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A_in, int64_t
   at::Tensor absmax = at::empty({nblocks}, A.options().dtype(at::kFloat));
   Status st;
   if (A.is_cpu()) {
-    qx::cpu_set_num_threads(at::get_num_threads());
     st = qx::quantize_4bit_cpu(A.data_ptr(), dt, n, blocksize, qt, packed.data_ptr<uint8_t>(),
                                absmax.data_ptr<float>());
   } else {
@@ -61,7 +62,6 @@ void dequantize_4bit_out(const at::Tensor& packed_in, const at::Tensor& absmax,
   if (n == 0) return;
   Status st;
   if (packed.is_cpu()) {
-    qx::cpu_set_num_threads(at::get_num_threads());
     st = qx::dequantize_4bit_cpu(packed.data_ptr<uint8_t>(), view, n, blocksize, qt, out.data_ptr(), ot);
   } else {
 #ifdef QX_WITH_CUDA
@@ -106,7 +106,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit(const at::Tensor& A_in, const a
   if (n == 0) return {out, absmax};
   Status st;
   if (A.is_cpu()) {
-    qx::cpu_set_num_threads(at::get_num_threads());
     st = qx::quantize_8bit_cpu(A.data_ptr<float>(), n, blocksize, code.data_ptr<float>(), out.data_ptr<uint8_t>(),
                                absmax.data_ptr<float>());
   } else {
@@ -139,7 +138,6 @@ at::Tensor dequantize_8bit(const at::Tensor& A, const at::Tensor& absmax, const 
   if (n == 0) return out;
   Status st;
   if (A.is_cpu()) {
-    qx::cpu_set_num_threads(at::get_num_threads());
     st = qx::dequantize_8bit_cpu(A.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(), n,
                                  blocksize, out.data_ptr(), ot);
   } else {
@@ -207,6 +205,14 @@ TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("dequantize_8bit", TORCH_FN(dequantize_8bit));
 }
 #endif
+
+namespace {
+// The CPU kernels run on torch's intra-op pool (see parallel.h for why).
+void torch_parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { fn(b, e); });
+}
+const bool g_backend_installed = (qx::set_parallel_backend(torch_parallel_for), true);
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "qlora_ext native kernels (ops are registered under torch.ops.qlora_ext)";
