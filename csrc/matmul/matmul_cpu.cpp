@@ -17,52 +17,60 @@
 namespace qx {
 namespace {
 
-constexpr int64_t kChunk = 512;  // weights decoded per step: 2 KiB of floats, stays in L1
+// K is walked in chunks of kChunk; kRows rows of W are decoded per chunk into an L1-resident buffer, so a
+// chunk of x (M x kChunk floats, <= 8 KiB) is loaded from L1 once per kRows rows rather than once per row.
+constexpr int64_t kChunk = 256;
+constexpr int64_t kRows = 4;
 
-float dot_scalar(const float* x, const float* w, int64_t len) {
-  float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-  int64_t i = 0;
-  for (; i + 4 <= len; i += 4) a0 += x[i] * w[i], a1 += x[i + 1] * w[i + 1], a2 += x[i + 2] * w[i + 2], a3 += x[i + 3] * w[i + 3];
-  for (; i < len; ++i) a0 += x[i] * w[i];
-  return (a0 + a1) + (a2 + a3);
+// acc[m] += dot(x[m * ldx .. + len], w[0 .. len]) for m < M: each weight vector is loaded once for all M rows.
+void dots_scalar(const float* x, int64_t ldx, int64_t M, const float* w, int64_t len, float* acc) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * ldx;
+    float a0 = 0, a1 = 0;
+    int64_t i = 0;
+    for (; i + 2 <= len; i += 2) a0 += xm[i] * w[i], a1 += xm[i + 1] * w[i + 1];
+    for (; i < len; ++i) a0 += xm[i] * w[i];
+    acc[m] += a0 + a1;
+  }
 }
 
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* x, const float* w, int64_t len) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+__attribute__((target("avx2,fma"))) void dots_avx2(const float* x, int64_t ldx, int64_t M, const float* w,
+                                                   int64_t len, float* acc) {
+  __m256 a[kGemvMaxM];
+  for (int64_t m = 0; m < M; ++m) a[m] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(w + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(w + i + 8), a1);
+  for (; i + 8 <= len; i += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + i);
+    for (int64_t m = 0; m < M; ++m) a[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + i), wv, a[m]);
   }
-  __m256 a = _mm256_add_ps(a0, a1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  float s = _mm_cvtss_f32(h);
-  for (; i < len; ++i) s += x[i] * w[i];
-  return s;
+  for (int64_t m = 0; m < M; ++m) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a[m]), _mm256_extractf128_ps(a[m], 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    float sum = _mm_cvtss_f32(h);
+    for (int64_t j = i; j < len; ++j) sum += x[m * ldx + j] * w[j];
+    acc[m] += sum;
+  }
 }
 
-__attribute__((target("avx512f"))) float dot_avx512(const float* x, const float* w, int64_t len) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= len; i += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(w + i), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(w + i + 16), a1);
+__attribute__((target("avx512f"))) void dots_avx512(const float* x, int64_t ldx, int64_t M, const float* w,
+                                                    int64_t len, float* acc) {
+  __m512 a[kGemvMaxM];
+  for (int64_t m = 0; m < M; ++m) a[m] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; i += 16) {  // masked tail: no scalar loop
+    const __mmask16 k = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1);
+    const __m512 wv = _mm512_maskz_loadu_ps(k, w + i);
+    for (int64_t m = 0; m < M; ++m) a[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + m * ldx + i), wv, a[m]);
   }
-  for (; i < len; i += 16) {  // masked tail: no scalar loop
-    __mmask16 m = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1);
-    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, w + i), a0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  for (int64_t m = 0; m < M; ++m) acc[m] += _mm512_reduce_add_ps(a[m]);
 }
 
-using DotFn = float (*)(const float*, const float*, int64_t);
-DotFn pick_dot() {
+using DotsFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*);
+DotsFn pick_dots() {
   switch (detail::isa_level()) {
-    case 2: return dot_avx512;
-    case 1: return dot_avx2;
-    default: return dot_scalar;
+    case 2: return dots_avx512;
+    case 1: return dots_avx2;
+    default: return dots_scalar;
   }
 }
 
@@ -98,20 +106,25 @@ Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void
     xf = xbuf.data();
   }
   const float* code = code4(w.qt);
-  const DotFn dot = pick_dot();
+  const DotsFn dots = pick_dots();
   // ~32K weights per task: enough work to amortize the hand-off, enough tasks to balance two cores
-  parallel_for(N, std::max<int64_t>(1, 32768 / K), [&](int64_t r0, int64_t r1) {
-    alignas(64) float wbuf[kChunk];
-    float acc[kGemvMaxM];
-    for (int64_t n = r0; n < r1; ++n) {
-      std::fill(acc, acc + M, 0.0f);
+  const int64_t grain = std::max<int64_t>(kRows, (32768 / K + kRows - 1) / kRows * kRows);
+  parallel_for((N + kRows - 1) / kRows, std::max<int64_t>(1, grain / kRows), [&](int64_t t0, int64_t t1) {
+    alignas(64) float wbuf[kRows][kChunk];
+    float acc[kRows][kGemvMaxM];
+    for (int64_t n0 = t0 * kRows; n0 < std::min(N, t1 * kRows); n0 += kRows) {
+      const int64_t rows = std::min(kRows, N - n0);
+      for (int64_t r = 0; r < rows; ++r) std::fill(acc[r], acc[r] + M, 0.0f);
       for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
         const int64_t len = std::min(kChunk, K - k0);
-        detail::dequantize_4bit_range(w.packed, w.scales, w.blocksize, code, wbuf, DType::kFloat32, n * K + k0,
-                                      n * K + k0 + len);
-        for (int64_t m = 0; m < M; ++m) acc[m] += dot(xf + m * K + k0, wbuf, len);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t e = (n0 + r) * K + k0;
+          detail::dequantize_4bit_range(w.packed, w.scales, w.blocksize, code, wbuf[r], DType::kFloat32, e, e + len);
+          dots(xf + k0, K, M, wbuf[r], len, acc[r]);
+        }
       }
-      for (int64_t m = 0; m < M; ++m) store_elem(out, odt, m * N + n, acc[m]);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t m = 0; m < M; ++m) store_elem(out, odt, m * N + n0 + r, acc[r][m]);
     }
   });
   return Status::kOk;
