@@ -39,7 +39,10 @@ def want_cuda():
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 cpu_sources = sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/*/*_cpu.cpp") + glob.glob("csrc/torch/*.cpp"))
-cxx_flags = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for (the torch layer runs the CPU kernels on it) is an inline OpenMP region; without
+# the flag it silently runs on one thread. Not passed to the linker: GOMP_* resolve to the libgomp that torch
+# itself loads, so the process keeps a single OpenMP runtime and thread pool.
+cxx_flags = ["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp"]
 
 if want_cuda():
     arch = os.environ.get("QLORA_EXT_CUDA_ARCH_LIST") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
