@@ -1,6 +1,8 @@
 // CPU 4-bit matmul: a fused dequantize-multiply for small M and the row tiles of the large-M path.
-// Rows of W are decoded a chunk at a time into an L1-resident buffer by the same per-ISA kernels as
-// dequantize_4bit (so the weights used are exactly the dequantized ones), then dotted with every row of x.
+// The weights used are exactly the dequantized ones (code[nibble] * scale, one float32 rounding). AVX-512:
+// the GEMV decodes 32 weights at a time in registers and feeds them straight into FMAs with every row of x.
+// AVX2 / scalar: rows of W are decoded a chunk at a time into an L1-resident buffer by the dequantize
+// kernels, then dotted with every row of x.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
@@ -65,6 +67,84 @@ __attribute__((target("avx512f"))) void dots_avx512(const float* x, int64_t ldx,
   for (int64_t m = 0; m < M; ++m) acc[m] += _mm512_reduce_add_ps(a[m]);
 }
 
+#define QX_MM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+
+// Fused AVX-512 GEMV over rows [r0, r1) of W: out[m * ldo + n] = sum_k x[m * K + k] * Wdq[n, k] (float32).
+// Per 32 weights: one 16-byte load of packed nibbles, two dword permutes + shifts turn them into the
+// element-ordered nibble indices (element 2j is the high nibble of byte j; vpermps reads only the low four
+// bits of an index, so the low nibble needs no mask), two table permutes give the codes, one multiply by
+// the block's scale rounds each weight exactly as dequantize does, then two FMAs per row of x. A row is one
+// or more block segments (blocks may straddle rows when K is not a multiple of the block size); a segment
+// that starts mid-byte takes one scalar element, and a segment's tail takes masked loads (the masked-off
+// packed bytes are never read, x lanes are zero, weights are zeroed).
+template <int M>
+QX_MM_AVX512 void gemv_rows_avx512(const float* x, const Weight4& w, const float* code, int64_t r0, int64_t r1,
+                                   float* out, int64_t ldo) {
+  const int64_t K = w.K, bs = w.blocksize;
+  const int bs_shift = __builtin_ctzll(static_cast<unsigned long long>(bs));  // block sizes are powers of two
+  const __m512 lut = _mm512_loadu_ps(code);
+  const __m512i dup0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i dup1 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+  const __m512i shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  const uint8_t* packed = w.packed;
+  for (int64_t n = r0; n < r1; ++n) {
+    __m512 acc0[M], acc1[M];
+    float tail[M];
+    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps(), tail[m] = 0.0f;
+    const int64_t row0 = n * K, row1 = row0 + K;
+    for (int64_t e = row0; e < row1;) {
+      const int64_t b = e >> bs_shift, seg_end = std::min(row1, (b + 1) << bs_shift);
+      const float a = detail::block_scale(w.scales, b);
+      const __m512 va = _mm512_set1_ps(a);
+      int64_t i = e;
+      if (i & 1) {  // the row starts on a low nibble (K odd)
+        const float wv = code[packed[i >> 1] & 0xf] * a;
+        for (int m = 0; m < M; ++m) tail[m] += x[m * K + (i - row0)] * wv;
+        ++i;
+      }
+      for (; i + 32 <= seg_end; i += 32) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1))));
+        const __m512i n0 = _mm512_srlv_epi32(_mm512_permutexvar_epi32(dup0, q), shifts);
+        const __m512i n1 = _mm512_srlv_epi32(_mm512_permutexvar_epi32(dup1, q), shifts);
+        const __m512 v0 = _mm512_mul_ps(_mm512_permutexvar_ps(n0, lut), va);
+        const __m512 v1 = _mm512_mul_ps(_mm512_permutexvar_ps(n1, lut), va);
+        const float* xk = x + (i - row0);
+        for (int m = 0; m < M; ++m) {
+          acc0[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xk + m * K), v0, acc0[m]);
+          acc1[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xk + m * K + 16), v1, acc1[m]);
+        }
+      }
+      if (i < seg_end) {  // 1..31 elements left, i even
+        const int64_t rem = seg_end - i;
+        const __mmask16 bytes = static_cast<__mmask16>((1u << ((rem + 1) >> 1)) - 1);
+        const __mmask16 k0 = rem >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << rem) - 1);
+        const __mmask16 k1 = rem > 16 ? static_cast<__mmask16>((1u << (rem - 16)) - 1) : __mmask16(0);
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(bytes, packed + (i >> 1)));
+        const __m512i n0 = _mm512_srlv_epi32(_mm512_permutexvar_epi32(dup0, q), shifts);
+        const __m512i n1 = _mm512_srlv_epi32(_mm512_permutexvar_epi32(dup1, q), shifts);
+        const __m512 v0 = _mm512_maskz_mul_ps(k0, _mm512_permutexvar_ps(n0, lut), va);
+        const __m512 v1 = _mm512_maskz_mul_ps(k1, _mm512_permutexvar_ps(n1, lut), va);
+        const float* xk = x + (i - row0);
+        for (int m = 0; m < M; ++m) {
+          acc0[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k0, xk + m * K), v0, acc0[m]);
+          acc1[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k1, xk + m * K + 16), v1, acc1[m]);
+        }
+      }
+      e = seg_end;
+    }
+    for (int m = 0; m < M; ++m) out[m * ldo + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) + tail[m];
+  }
+}
+
+using GemvRowsFn = void (*)(const float*, const Weight4&, const float*, int64_t, int64_t, float*, int64_t);
+GemvRowsFn pick_gemv_avx512(int64_t M) {
+  static constexpr GemvRowsFn table[kGemvMaxM] = {gemv_rows_avx512<1>, gemv_rows_avx512<2>, gemv_rows_avx512<3>,
+                                                  gemv_rows_avx512<4>, gemv_rows_avx512<5>, gemv_rows_avx512<6>,
+                                                  gemv_rows_avx512<7>, gemv_rows_avx512<8>};
+  static_assert(kGemvMaxM == 8, "one instantiation per M");
+  return table[M - 1];
+}
+
 using DotsFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*);
 DotsFn pick_dots() {
   switch (detail::isa_level()) {
@@ -106,6 +186,16 @@ Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void
     xf = xbuf.data();
   }
   const float* code = code4(w.qt);
+  if (detail::isa_level() == 2) {
+    // float32 results go straight to out; other dtypes through a float32 buffer (rounded once)
+    std::vector<float> obuf(odt == DType::kFloat32 ? 0 : M * N);
+    float* o = odt == DType::kFloat32 ? static_cast<float*>(out) : obuf.data();
+    const GemvRowsFn rows = pick_gemv_avx512(M);
+    parallel_for(N, std::max<int64_t>(1, 32768 / K), [&](int64_t r0, int64_t r1) { rows(xf, w, code, r0, r1, o, N); });
+    if (odt != DType::kFloat32)
+      for (int64_t i = 0; i < M * N; ++i) store_elem(out, odt, i, obuf[i]);
+    return Status::kOk;
+  }
   const DotsFn dots = pick_dots();
   // ~32K weights per task: enough work to amortize the hand-off, enough tasks to balance two cores
   const int64_t grain = std::max<int64_t>(kRows, (32768 / K + kRows - 1) / kRows * kRows);

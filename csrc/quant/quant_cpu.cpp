@@ -21,6 +21,8 @@
 namespace qx {
 namespace {
 
+using detail::block_scale;
+
 struct Tables {
   float nf4[16], fp4[16], dyn_signed[256], dyn_unsigned[256];
   float nf4_thr[15];     // decision thresholds between adjacent NF4 codes
@@ -56,11 +58,6 @@ inline bool can_stream(bool stream, const void* out, DType ot, int64_t i, int ve
   return stream && addr % (uintptr_t(vec_elems) * dtype_size(ot)) == 0;
 }
 
-inline float block_scale(const AbsmaxView& s, int64_t b) {
-  if (!s.double_quant()) return s.absmax[b];
-  float a = s.nested_code[s.qabsmax[b]] * s.nested_absmax[b / s.nested_blocksize];
-  return a + s.offset;
-}
 
 // ---- dequantize one block range, per ISA ----
 // Each kernel handles blocks [b0, b1); elements of a block are [b*bs, min(n, (b+1)*bs)).
@@ -80,8 +77,7 @@ void dequant4_scalar(const uint8_t* packed, const AbsmaxView& s, int64_t bs, con
 }
 
 #define QX_AVX2 __attribute__((target("avx2,fma,f16c")))
-// avx512bf16 is in the target so one intrinsic may use it; that path only runs where the CPU has it.
-#define QX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#define QX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
 // 8 packed bytes -> 16 floats (two __m256): element 2j is the high nibble of byte j.
 QX_AVX2 inline void avx2_unpack16(const uint8_t* p, __m256 lut_lo, __m256 lut_hi, __m256 va, __m256* v0,
@@ -178,46 +174,18 @@ QX_AVX512 inline void avx512_store16(void* out, DType ot, int64_t i, __m512 v, b
 
 
 
-// 32 floats -> 32 bfloat16 (round to nearest even), one 64-byte store. `native` uses the CPU's conversion
-// instruction, which flushes subnormals: the caller allows it only for blocks whose every value is normal
-// or zero. The manual path is exact for all finite values (non-finite scales take avx512_store16).
-QX_AVX512 inline void avx512_store32_bf16(void* out, int64_t i, __m512 v0, __m512 v1, bool nt, bool native) {
-  __m512i r;
-  if (native) {
-    r = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(v1, v0));
-  } else {
-    const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
-    __m512i u0 = _mm512_castps_si512(v0), u1 = _mm512_castps_si512(v1);
-    u0 = _mm512_add_epi32(u0, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u0, 16), one)));
-    u1 = _mm512_add_epi32(u1, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u1, 16), one)));
-    // the high 16 bits of every lane of u0 then u1, in order: one two-source word permute
-    const __m512i hi_words = _mm512_setr_epi32(0x00030001, 0x00070005, 0x000b0009, 0x000f000d, 0x00130011,
-                                               0x00170015, 0x001b0019, 0x001f001d, 0x00230021, 0x00270025,
-                                               0x002b0029, 0x002f002d, 0x00330031, 0x00370035, 0x003b0039,
-                                               0x003f003d);
-    r = _mm512_permutex2var_epi16(u0, hi_words, u1);
-  }
-  __m512i* p = reinterpret_cast<__m512i*>(static_cast<uint16_t*>(out) + i);
-  nt ? _mm512_stream_si512(p, r) : _mm512_storeu_si512(p, r);
-}
-
-bool cpu_has_avx512bf16() {
-  static const bool v = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return v;
-}
-
 QX_AVX512 void dequant4_avx512(const uint8_t* packed, const AbsmaxView& s, int64_t bs, const float* code,
                                void* out, DType ot, int64_t e0, int64_t e1, bool stream) {
   const __m512 lut = _mm512_loadu_ps(code);  // the whole 16-entry code fits one register
   const __m512i dup0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i dup1 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
   const __m512i shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-  const bool native_bf16 = cpu_has_avx512bf16();
-  // smallest |scale| for which every non-zero code value times it is a normal float (FLT_MIN / 0.005)
-  constexpr float kBf16NormalScale = 2.4e-36f;
+  // 16-bit outputs: an element depends only on its nibble and its block's scale, so each block gets a table
+  // of its 16 values, rounded once (exactly as the element-wise path would round them, NaN and Inf
+  // included), held twice over in the 32 words of one register. Then 32 elements are one word permute:
+  // dword j of the index holds byte j >> 4 (element 2j) in its low word and byte j in its high word
+  // (element 2j + 1), whose bit 4 (the high nibble's lowest bit) only selects the table's second copy.
+  const bool half_out = ot != DType::kFloat32;
   for (int64_t seg = e0; seg < e1;) {
     const int64_t b = seg / bs, seg_end = std::min(e1, (b + 1) * bs);
     const float a = block_scale(s, b);
@@ -228,24 +196,26 @@ QX_AVX512 void dequant4_avx512(const uint8_t* packed, const AbsmaxView& s, int64
       ++i;
     }
     const bool nt = can_stream(stream, out, ot, i - e0, ot == DType::kFloat32 ? 16 : 32);
-    // bfloat16: 0 = generic store (non-finite scale), 1 = manual rounding, 2 = the native instruction when
-    // every value of the block is normal or zero (|code| >= 0.0052 for non-zero codes).
-    int bf = 0;
-    if (ot == DType::kBFloat16 && std::isfinite(a))
-      bf = (native_bf16 && (a == 0.0f || std::fabs(a) >= kBf16NormalScale)) ? 2 : 1;
+    if (half_out) {
+      const __m512 vals = _mm512_mul_ps(lut, va);
+      const __m256i h = ot == DType::kFloat16 ? _mm512_cvtps_ph(vals, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                              : avx512_to_bf16(vals);
+      const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+      for (; i + 32 <= seg_end; i += 32) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1))));
+        const __m512i r = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi32(q, 4), _mm512_slli_epi32(q, 16)),
+                                                   table);
+        __m512i* p = reinterpret_cast<__m512i*>(static_cast<uint16_t*>(out) + (i - e0));
+        nt ? _mm512_stream_si512(p, r) : _mm512_storeu_si512(p, r);
+      }
+    }
     for (; i + 32 <= seg_end; i += 32) {
       __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1))));
       // vpermps reads only the low 4 bits of each index, so the nibbles need no masking after the shift
       __m512i n0 = _mm512_srlv_epi32(_mm512_permutexvar_epi32(dup0, w), shifts);
       __m512i n1 = _mm512_srlv_epi32(_mm512_permutexvar_epi32(dup1, w), shifts);
-      __m512 v0 = _mm512_mul_ps(_mm512_permutexvar_ps(n0, lut), va);
-      __m512 v1 = _mm512_mul_ps(_mm512_permutexvar_ps(n1, lut), va);
-      if (bf) {
-        avx512_store32_bf16(out, i - e0, v0, v1, nt, bf == 2);
-      } else {
-        avx512_store16(out, ot, i - e0, v0, nt);
-        avx512_store16(out, ot, i - e0 + 16, v1, nt);
-      }
+      avx512_store16(out, ot, i - e0, _mm512_mul_ps(_mm512_permutexvar_ps(n0, lut), va), nt);
+      avx512_store16(out, ot, i - e0 + 16, _mm512_mul_ps(_mm512_permutexvar_ps(n1, lut), va), nt);
     }
     for (; i < seg_end; ++i) {
       uint8_t byte = packed[i >> 1];
