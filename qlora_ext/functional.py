@@ -255,7 +255,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     """`x[..., K] @ W.T (+ bias)` with W the 4-bit [N, K] weight of (packed, state); output in x's dtype.
 
     Differentiable in x (through the dequantized weight) and bias; the 4-bit weight gets no gradient.
-    CPU: a fused dequantize-multiply for up to 8 rows, dequantized row tiles + GEMM above that; CUDA: a
+    CPU: a fused dequantize-multiply for up to 32 rows (AVX-512; 8 with AVX2), dequantized row tiles + GEMM
+    above that; CUDA: a
     GEMV for M <= 4, a tensor-core kernel up to 64 rows, dequantize + cuBLAS above.
     """
     if not isinstance(state, QuantState):

@@ -14,11 +14,15 @@ struct Weight4 {
   QuantType qt = QuantType::kNF4;
 };
 
-// Largest M the fused CPU kernel takes; larger batches go through dequantized row tiles and a GEMM.
+// Largest M the fused CPU kernel takes (it depends on the instruction set chosen at run time); larger
+// batches go through dequantized row tiles and a GEMM. kGemvMaxM: AVX2 / scalar; AVX-512 takes up to
+// kGemvMaxMAvx512 rows, in groups of 8 over L2-resident tiles of W (bench/results/bench_matmul_cpu.md).
 constexpr int64_t kGemvMaxM = 8;
+constexpr int64_t kGemvMaxMAvx512 = 32;
+int64_t gemv_4bit_cpu_max_m();
 
 // out[M, N] = x[M, K] @ W^T, x and out contiguous. Reads only the packed bytes and scales (never a float
-// copy of W); float32 accumulation with FMA; multithreaded over N. M <= kGemvMaxM.
+// copy of W); float32 accumulation with FMA; multithreaded over N. M <= gemv_4bit_cpu_max_m().
 Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void* out, DType odt);
 
 // Rows [n0, n1) of the dequantized W into out ([n1 - n0, K] of odt, contiguous): the tiles of the

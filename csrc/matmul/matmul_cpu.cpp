@@ -162,6 +162,8 @@ bool valid(const Weight4& w) {
 
 }  // namespace
 
+int64_t gemv_4bit_cpu_max_m() { return detail::isa_level() == 2 ? kGemvMaxMAvx512 : kGemvMaxM; }
+
 Status dequantize_4bit_rows_cpu(const Weight4& w, int64_t n0, int64_t n1, void* out, DType odt) {
   if (!valid(w) || n0 < 0 || n1 > w.N || n0 > n1 || (!out && n1 > n0)) return Status::kInvalidArgument;
   const float* code = code4(w.qt);
@@ -174,7 +176,7 @@ Status dequantize_4bit_rows_cpu(const Weight4& w, int64_t n0, int64_t n1, void* 
 }
 
 Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void* out, DType odt) {
-  if (!valid(w) || M < 0 || M > kGemvMaxM || (M > 0 && (!x || !out))) return Status::kInvalidArgument;
+  if (!valid(w) || M < 0 || M > gemv_4bit_cpu_max_m() || (M > 0 && (!x || !out))) return Status::kInvalidArgument;
   if (M == 0) return Status::kOk;
   const int64_t K = w.K, N = w.N;
   // x as float32 rows (converted once; a float32 x is used in place)
@@ -190,8 +192,16 @@ Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void
     // float32 results go straight to out; other dtypes through a float32 buffer (rounded once)
     std::vector<float> obuf(odt == DType::kFloat32 ? 0 : M * N);
     float* o = odt == DType::kFloat32 ? static_cast<float*>(out) : obuf.data();
-    const GemvRowsFn rows = pick_gemv_avx512(M);
-    parallel_for(N, std::max<int64_t>(1, 32768 / K), [&](int64_t r0, int64_t r1) { rows(xf, w, code, r0, r1, o, N); });
+    // Rows of x in groups of 8 (the register budget); each group sweeps a tile of W rows (~256 KiB packed)
+    // that stays in L2 for the next group, so the packed weight comes from memory once.
+    const int64_t tile = std::max<int64_t>(1, (int64_t(256) << 10) / (K / 2 + 1));
+    parallel_for(N, std::max<int64_t>(1, 32768 / K), [&](int64_t r0, int64_t r1) {
+      for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+        const int64_t t1 = std::min(r1, t0 + tile);
+        for (int64_t m0 = 0; m0 < M; m0 += 8)
+          pick_gemv_avx512(std::min<int64_t>(8, M - m0))(xf + m0 * K, w, code, t0, t1, o + m0 * N, N);
+      }
+    });
     if (odt != DType::kFloat32)
       for (int64_t i = 0; i < M * N; ++i) store_elem(out, odt, i, obuf[i]);
     return Status::kOk;

@@ -75,7 +75,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   if (M == 0) return at::empty(out_shape, x.options());
 
   if (x.is_cpu()) {
-    if (M <= qx::kGemvMaxM) {
+    if (M <= qx::gemv_4bit_cpu_max_m()) {
       at::Tensor out = at::empty({M, N}, x.options());
       check_status(qx::gemv_4bit_cpu(x2.data_ptr(), xdt, M, a.w, out.data_ptr(), xdt),
                    "matmul_4bit(x " + shape_str(x) + ", W " + c10::str(shape) + ")");
