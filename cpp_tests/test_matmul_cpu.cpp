@@ -43,9 +43,29 @@ TEST(MatmulCpu, RowTilesMatchFullDequantize) {
     for (int64_t n0 = 0; n0 < N; n0 += 5) {
       int64_t n1 = std::min(N, n0 + 3);
       std::vector<float> tile((n1 - n0) * K);
-      ASSERT_EQ(dequantize_4bit_rows_cpu(q.w, n0, n1, tile.data(), DType::kFloat32), Status::kOk);
+      ASSERT_EQ(dequantize_4bit_tile_cpu(q.w, n0, n1, 0, K, tile.data(), DType::kFloat32), Status::kOk);
       ASSERT_EQ(0, std::memcmp(tile.data(), full.data() + n0 * K, tile.size() * 4)) << N << "x" << K << " n0=" << n0;
     }
+  }
+}
+
+TEST(MatmulCpu, ColumnTilesMatchFullDequantize) {
+  // odd K: rows start mid-byte and blocks straddle rows; tiles start anywhere, also mid-block
+  for (auto [N, K] : {std::pair<int64_t, int64_t>{7, 33}, {31, 77}, {9, 4096}, {100, 130}}) {
+    Quantized q = make_weight(N, K, 32, QuantType::kFP4, uint32_t(3 * N + K));
+    std::vector<float> full(N * K);
+    ASSERT_EQ(dequantize_4bit_cpu(q.packed.data(), q.w.scales, N * K, 32, QuantType::kFP4, full.data(), DType::kFloat32),
+              Status::kOk);
+    for (int64_t k0 : {int64_t(0), int64_t(1), int64_t(17), K / 2})
+      for (int64_t k1 : {k0 + 1, std::min(K, k0 + 40), K}) {
+        if (k1 > K) continue;
+        const int64_t n0 = N / 3, n1 = N, kc = k1 - k0;
+        std::vector<float> tile((n1 - n0) * kc);
+        ASSERT_EQ(dequantize_4bit_tile_cpu(q.w, n0, n1, k0, k1, tile.data(), DType::kFloat32), Status::kOk);
+        for (int64_t r = n0; r < n1; ++r)
+          ASSERT_EQ(0, std::memcmp(tile.data() + (r - n0) * kc, full.data() + r * K + k0, kc * 4))
+              << N << "x" << K << " row " << r << " cols [" << k0 << ", " << k1 << ")";
+      }
   }
 }
 
@@ -58,7 +78,7 @@ TEST(MatmulCpu, GemvErrorWithinTwiceNaiveFloat32) {
         if (M > gemv_4bit_cpu_max_m()) continue;  // the ISA's limit (8 on AVX2 / scalar, 64 on AVX-512)
         Quantized q = make_weight(N, K, 64, qt, uint32_t(N * K + M));
         std::vector<float> W(N * K), x(M * K), y(M * N);
-        ASSERT_EQ(dequantize_4bit_rows_cpu(q.w, 0, N, W.data(), DType::kFloat32), Status::kOk);
+        ASSERT_EQ(dequantize_4bit_tile_cpu(q.w, 0, N, 0, K, W.data(), DType::kFloat32), Status::kOk);
         for (auto& v : x) v = dist(gen);
         ASSERT_EQ(gemv_4bit_cpu(x.data(), DType::kFloat32, M, q.w, y.data(), DType::kFloat32), Status::kOk);
         double err = 0, err_naive = 0, scale = 0;
@@ -84,7 +104,9 @@ TEST(MatmulCpu, BadArguments) {
   std::vector<float> x(too_many * 64), y(too_many * 8);
   EXPECT_EQ(gemv_4bit_cpu(x.data(), DType::kFloat32, too_many, q.w, y.data(), DType::kFloat32),
             Status::kInvalidArgument);
-  EXPECT_EQ(dequantize_4bit_rows_cpu(q.w, 3, 9, y.data(), DType::kFloat32), Status::kInvalidArgument);
+  EXPECT_EQ(dequantize_4bit_tile_cpu(q.w, 3, 9, 0, 64, y.data(), DType::kFloat32), Status::kInvalidArgument);
+  EXPECT_EQ(dequantize_4bit_tile_cpu(q.w, 0, 8, 10, 65, y.data(), DType::kFloat32), Status::kInvalidArgument);
+  EXPECT_EQ(dequantize_4bit_tile_cpu(q.w, 0, 8, 10, 9, y.data(), DType::kFloat32), Status::kInvalidArgument);
   Weight4 bad = q.w;
   bad.blocksize = 48;
   EXPECT_EQ(gemv_4bit_cpu(x.data(), DType::kFloat32, 1, bad, y.data(), DType::kFloat32), Status::kInvalidArgument);

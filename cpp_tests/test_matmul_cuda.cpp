@@ -1,5 +1,5 @@
 // GoogleTest: the CUDA 4-bit matmul launchers (gemv_4bit_cuda, gemm_4bit_small_cuda) against a float64
-// reference built from dequantize_4bit_rows_cpu and against gemv_4bit_cpu. Every test skips without a GPU.
+// reference built from dequantize_4bit_tile_cpu and against gemv_4bit_cpu. Every test skips without a GPU.
 //
 // Error bound per output: |ours - ref64| <= 2 * |naive - ref64| + eps (+ the output rounding for 16-bit
 // outputs), where naive is a plain float32 loop over x as stored and Wdq (rounded to x's dtype when x is
@@ -155,7 +155,7 @@ std::unique_ptr<HostWeight> make_weight(int64_t N, int64_t K, int64_t bs, QuantT
       return nullptr;
   }
   hw->wdq.resize(static_cast<size_t>(n));
-  if (qx::dequantize_4bit_rows_cpu(hw->view(), 0, N, hw->wdq.data(), DType::kFloat32) != Status::kOk) return nullptr;
+  if (qx::dequantize_4bit_tile_cpu(hw->view(), 0, N, 0, K, hw->wdq.data(), DType::kFloat32) != Status::kOk) return nullptr;
   return hw;
 }
 

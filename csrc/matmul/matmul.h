@@ -25,9 +25,11 @@ int64_t gemv_4bit_cpu_max_m();
 // copy of W); float32 accumulation with FMA; multithreaded over N. M <= gemv_4bit_cpu_max_m().
 Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void* out, DType odt);
 
-// Rows [n0, n1) of the dequantized W into out ([n1 - n0, K] of odt, contiguous): the tiles of the
-// large-M forward and of the backward (grad_x = grad_y @ W).
-Status dequantize_4bit_rows_cpu(const Weight4& w, int64_t n0, int64_t n1, void* out, DType odt);
+// Rows [n0, n1) x columns [k0, k1) of the dequantized W into out ([n1 - n0, k1 - k0] of odt, contiguous):
+// row tiles for the large-M forward (y[:, n0:n1] = x @ tile^T), column tiles for the backward
+// (grad_x[:, k0:k1] = grad_y @ tile), so that every output element is written by one GEMM.
+Status dequantize_4bit_tile_cpu(const Weight4& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, void* out,
+                                DType odt);
 
 // CUDA: the GEMV for small M (16-byte loads of packed weight, scales decoded in-kernel) and a tensor-core
 // kernel for small batches; larger M is dequantize + cuBLAS in the torch layer.

@@ -164,13 +164,22 @@ bool valid(const Weight4& w) {
 
 int64_t gemv_4bit_cpu_max_m() { return detail::isa_level() == 2 ? kGemvMaxMAvx512 : kGemvMaxM; }
 
-Status dequantize_4bit_rows_cpu(const Weight4& w, int64_t n0, int64_t n1, void* out, DType odt) {
-  if (!valid(w) || n0 < 0 || n1 > w.N || n0 > n1 || (!out && n1 > n0)) return Status::kInvalidArgument;
+Status dequantize_4bit_tile_cpu(const Weight4& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, void* out,
+                                DType odt) {
+  if (!valid(w) || n0 < 0 || n1 > w.N || n0 > n1 || k0 < 0 || k1 > w.K || k0 > k1) return Status::kInvalidArgument;
+  const int64_t K = w.K, kc = k1 - k0;
+  if (n1 == n0 || kc == 0) return Status::kOk;
+  if (!out) return Status::kInvalidArgument;
   const float* code = code4(w.qt);
-  const int64_t K = w.K;
-  parallel_for(n1 - n0, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
-    char* o = static_cast<char*>(out) + r0 * K * dtype_size(odt);
-    detail::dequantize_4bit_range(w.packed, w.scales, w.blocksize, code, o, odt, (n0 + r0) * K, (n0 + r1) * K);
+  const int64_t row_bytes = kc * dtype_size(odt);
+  parallel_for(n1 - n0, std::max<int64_t>(1, 16384 / kc), [&](int64_t r0, int64_t r1) {
+    char* o = static_cast<char*>(out) + r0 * row_bytes;
+    if (kc == K) {  // whole rows: one contiguous range
+      detail::dequantize_4bit_range(w.packed, w.scales, w.blocksize, code, o, odt, (n0 + r0) * K, (n0 + r1) * K);
+      return;
+    }
+    for (int64_t r = n0 + r0; r < n0 + r1; ++r, o += row_bytes)
+      detail::dequantize_4bit_range(w.packed, w.scales, w.blocksize, code, o, odt, r * K + k0, r * K + k1);
   });
   return Status::kOk;
 }

@@ -44,7 +44,7 @@ at::Tensor dequantized(const MatmulArgs& a, at::ScalarType dtype) {
   at::Tensor W = at::empty({a.w.N, a.w.K}, a.wa.packed.options().dtype(dtype));
   Status st;
   if (W.is_cpu()) {
-    st = qx::dequantize_4bit_rows_cpu(a.w, 0, a.w.N, W.data_ptr(), to_dtype(dtype, "dtype"));
+    st = qx::dequantize_4bit_tile_cpu(a.w, 0, a.w.N, 0, a.w.K, W.data_ptr(), to_dtype(dtype, "dtype"));
   } else {
 #ifdef QX_WITH_CUDA
     st = qx::dequantize_4bit_cuda(a.w.packed, a.w.scales, a.w.N * a.w.K, a.w.blocksize, a.w.qt, W.data_ptr(),
@@ -89,7 +89,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
     for (int64_t n0 = 0; n0 < N; n0 += tn) {
       const int64_t rows = std::min(tn, N - n0);
       at::Tensor t = tile.narrow(0, 0, rows);
-      check_status(qx::dequantize_4bit_rows_cpu(a.w, n0, n0 + rows, t.data_ptr(), DType::kFloat32),
+      check_status(qx::dequantize_4bit_tile_cpu(a.w, n0, n0 + rows, 0, K, t.data_ptr(), DType::kFloat32),
                    "matmul_4bit tile");
       at::Tensor o = out.narrow(1, n0, rows);  // strides (N, 1): the GEMM writes it in place
       at::mm_out(o, xf, t.t());
@@ -131,16 +131,19 @@ at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const
   const int64_t M = grad.numel() / N;
   at::Tensor g = grad.reshape({M, N});
   if (grad.is_cpu()) {
+    // Column tiles of W (all N rows, ~8 MiB of float32): each writes its own columns of grad_x once, where
+    // row tiles would read and rewrite the whole [M, K] result once per tile.
     at::Tensor gf = g.to(at::kFloat).contiguous();
-    at::Tensor out = at::zeros({M, K}, grad.options().dtype(at::kFloat));
-    const int64_t tn = tile_rows(N, K);
-    at::Tensor tile = at::empty({tn, K}, grad.options().dtype(at::kFloat));
-    for (int64_t n0 = 0; n0 < N; n0 += tn) {
-      const int64_t rows = std::min(tn, N - n0);
-      at::Tensor t = tile.narrow(0, 0, rows);
-      check_status(qx::dequantize_4bit_rows_cpu(a.w, n0, n0 + rows, t.data_ptr(), DType::kFloat32),
+    at::Tensor out = at::empty({M, K}, grad.options().dtype(at::kFloat));
+    const int64_t tk = tile_rows(K, N);
+    at::Tensor buf = at::empty({N * tk}, grad.options().dtype(at::kFloat));
+    for (int64_t k0 = 0; k0 < K; k0 += tk) {
+      const int64_t cols = std::min(tk, K - k0);
+      at::Tensor t = buf.narrow(0, 0, N * cols).view({N, cols});
+      check_status(qx::dequantize_4bit_tile_cpu(a.w, 0, N, k0, k0 + cols, t.data_ptr(), DType::kFloat32),
                    "matmul_4bit backward tile");
-      out.addmm_(gf.narrow(1, n0, rows), t);
+      at::Tensor o = out.narrow(1, k0, cols);  // strides (K, 1): the GEMM writes it in place
+      at::mm_out(o, gf, t);
     }
     return out.to(grad.scalar_type()).view(out_shape);
   }
