@@ -201,7 +201,9 @@ TEST(QuantCpu, Dequantize4bitMatchesReferenceAllDtypes) {
       }
 }
 
-TEST(QuantCpu, Quantize8bitNearestTiesLower) {
+TEST(QuantCpu, Quantize8bitFollowsTheGridRule) {
+  // quantize_grid8's rule (bitsandbytes' CPU quantizer), recomputed here by a linear scan over the map's
+  // midpoints; and the result is the nearest map value up to one grid step (2 / 65535).
   const float* map = dynamic_map(true);
   for (int64_t n : kSizes) {
     auto x = random_weights(n, uint32_t(n));
@@ -209,20 +211,27 @@ TEST(QuantCpu, Quantize8bitNearestTiesLower) {
     std::vector<float> absmax((n + 255) / 256);
     ASSERT_EQ(quantize_8bit_cpu(x.data(), n, 256, map, out.data(), absmax.data()), Status::kOk);
     for (int64_t i = 0; i < n; ++i) {
-      float a = absmax[i / 256];
-      float v = a == 0 ? 0.0f : x[i] / a;
-      int best = 0;
-      for (int j = 1; j < 256; ++j)
-        if (std::fabs(v - map[j]) < std::fabs(v - map[best])) best = j;
-      ASSERT_EQ(out[i], best) << "i=" << i << " v=" << v;
+      const float a = absmax[i / 256];
+      const float v = std::min(1.0f, std::max(-1.0f, x[i] * (1.0f / a)));
+      const int u = static_cast<int>(((v + 1.0f) * 0.5f) * 65535.0f + 0.5f);
+      const float g = -1.0f + (2.0f * float(u)) / 65535.0f;
+      int below = 0;
+      for (int j = 0; j < 255; ++j) below += (0.5f * (map[j] + map[j + 1]) < g);
+      ASSERT_EQ(out[i], below) << "i=" << i << " v=" << v;
+      ASSERT_EQ(quantize_grid8(map, x[i] * (1.0f / a)), out[i]);
+      for (int j = 0; j < 256; ++j) ASSERT_LE(std::fabs(v - map[out[i]]), std::fabs(v - map[j]) + 2.0f / 65535.0f);
     }
     std::vector<float> back(n);
     ASSERT_EQ(dequantize_8bit_cpu(out.data(), absmax.data(), map, n, 256, back.data(), DType::kFloat32), Status::kOk);
     for (int64_t i = 0; i < n; ++i) ASSERT_EQ(to_bits(back[i]), to_bits(map[out[i]] * absmax[i / 256]));
   }
-  // exact midpoint between two map values goes to the lower index
-  float mid = (map[100] + map[101]) / 2;
-  EXPECT_EQ(quantize_nearest8(map, mid), std::fabs(mid - map[100]) <= std::fabs(mid - map[101]) ? 100 : 101);
+  // the two ends of the grid, and an all-zero block
+  EXPECT_EQ(quantize_grid8(map, -1.0f), 0);
+  EXPECT_EQ(quantize_grid8(map, 1.0f), 255);
+  std::vector<float> zeros(300, 0.0f), am(2);
+  std::vector<uint8_t> q(300, 7);
+  ASSERT_EQ(quantize_8bit_cpu(zeros.data(), 300, 256, map, q.data(), am.data()), Status::kOk);
+  for (uint8_t b : q) EXPECT_EQ(b, 0);
 }
 
 TEST(QuantCpu, NonFiniteInputIsReported) {

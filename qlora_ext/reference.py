@@ -60,17 +60,22 @@ def dequantize_4bit_ref(packed, absmax, shape, dtype=torch.float32, blocksize=64
 
 
 def quantize_8bit_ref(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-    """Nearest map value to A / absmax[block] (float32 distance, ties to the lower index)."""
+    """bitsandbytes' CPU rule (it made the checkpoints we reproduce): v = A * (1 / absmax) clamped to [-1, 1]
+    picks grid point u = trunc(((v + 1) * 0.5) * 65535 + 0.5) of 65536; the byte is the number of map
+    midpoints 0.5 * (map[j] + map[j + 1]) below the grid value -1 + (2 * u) / 65535, all in float32. That
+    is the nearest map value except within half a grid step of a midpoint. An all-zero block codes 0."""
     x = A.detach().cpu().float().reshape(-1)
     n = x.numel()
     blocks = _blocks(x, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    normed = torch.where(absmax[:, None] == 0, torch.zeros_like(blocks), blocks / absmax[:, None]).reshape(-1)[:n]
-    out = torch.empty(n, dtype=torch.uint8)
-    for i in range(0, n, 1 << 14):  # chunks keep the [chunk, 256] distance matrix small
-        d = (normed[i:i + (1 << 14), None] - code.cpu()).abs()
-        out[i:i + (1 << 14)] = d.argmin(dim=1).to(torch.uint8)  # argmin returns the first (lowest) index
-    return out.view(A.shape), absmax
+    v = (blocks * (1.0 / absmax)[:, None]).clamp(-1.0, 1.0)
+    u = (((v + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int64)  # float32 ops, truncation
+    grid = -1.0 + (2.0 * u.float()) / 65535.0
+    c = code.cpu().float()
+    mid = 0.5 * (c[:-1] + c[1:])
+    q = torch.searchsorted(mid, grid.reshape(-1), side="left").view_as(grid)  # midpoints strictly below
+    q = torch.where(absmax[:, None] == 0, torch.zeros_like(q), q)
+    return q.reshape(-1)[:n].to(torch.uint8).view(A.shape), absmax
 
 
 def dequantize_8bit_ref(q, absmax, code, blocksize, dtype=torch.float32):

@@ -31,7 +31,12 @@ const float* dynamic_map(bool is_signed);
 
 // Scalar helpers shared by every backend (CPU kernels, CUDA host checks, tests).
 uint8_t quantize_nibble(QuantType qt, float scaled);   // scaled = x * (1 / absmax), already finite
-uint8_t quantize_nearest8(const float* code256, float normed);  // nearest map value, ties to lower index
+// 8-bit blockwise codes follow bitsandbytes' CPU rule, which made the checkpoints we must reproduce byte for
+// byte: the normalized value v = x * (1 / absmax), clamped to [-1, 1], picks one of 65536 grid points,
+// u = trunc(((v + 1) * 0.5) * 65535 + 0.5); the code is the number of map midpoints 0.5 * (map[j] + map[j+1])
+// that lie below the grid value -1 + (2 * u) / 65535 (every operation a float32 rounding). That is the
+// nearest map value except within half a grid step (1.5e-5) of a midpoint. An all-zero block codes 0.
+uint8_t quantize_grid8(const float* code256, float normed);
 
 // ---------------------------------------------------------------------------------------------
 // CPU

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "../common/convert.h"
 #include "../common/parallel.h"
@@ -289,19 +290,29 @@ uint8_t quantize_nibble(QuantType qt, float s) {
   return uint8_t(sign | t.fp4_mag_index[rank]);
 }
 
-uint8_t quantize_nearest8(const float* code, float x) {
-  // last index with code[i] <= x (0 when x is below the map), then the nearer of i and i + 1
-  int lo = 0, hi = 255;
-  if (!(x >= code[0])) return 0;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) / 2;
-    if (code[mid] <= x) lo = mid; else hi = mid - 1;
-  }
-  if (lo < 255) {
-    float dl = std::fabs(x - code[lo]), dr = std::fabs(x - code[lo + 1]);
-    if (dr < dl) ++lo;
-  }
-  return uint8_t(lo);
+namespace {
+// The grid rule of quantize_grid8 (quant.h), shared by the scalar helper and the table.
+inline float grid8_value(int u) { return -1.0f + (2.0f * static_cast<float>(u)) / 65535.0f; }
+inline int grid8_point(float v) {
+  v = std::min(1.0f, std::max(-1.0f, v));
+  return static_cast<int>(((v + 1.0f) * 0.5f) * 65535.0f + 0.5f);
+}
+void grid8_midpoints(const float* code, float* mid) {
+  for (int j = 0; j < 255; ++j) mid[j] = 0.5f * (code[j] + code[j + 1]);
+}
+// number of midpoints below `val` (midpoints of a sorted map are sorted)
+inline int grid8_count(const float* mid, float val) {
+  int c = 0;
+  for (int step = 128; step > 0; step >>= 1)
+    if (c + step <= 255 && mid[c + step - 1] < val) c += step;
+  return c;
+}
+}  // namespace
+
+uint8_t quantize_grid8(const float* code, float normed) {
+  float mid[255];
+  grid8_midpoints(code, mid);
+  return static_cast<uint8_t>(grid8_count(mid, grid8_value(grid8_point(normed))));
 }
 
 void cpu_set_num_threads(int n) { set_num_threads(n); }
@@ -388,6 +399,18 @@ Status quantize_8bit_cpu(const float* A, int64_t n, int64_t bs, const float* cod
   if (n < 0 || bs <= 0) return Status::kInvalidArgument;
   if (n == 0) return Status::kOk;
   if (!A || !code || !out || !absmax) return Status::kInvalidArgument;
+  // the 65536-entry table of grid point -> code (one sweep), then one lookup per element
+  std::vector<uint8_t> table(65536);
+  {
+    float mid[255];
+    grid8_midpoints(code, mid);
+    int c = 0;
+    for (int u = 0; u < 65536; ++u) {
+      const float val = grid8_value(u);
+      while (c < 255 && mid[c] < val) ++c;
+      table[u] = static_cast<uint8_t>(c);
+    }
+  }
   std::atomic<bool> nonfinite{false};
   parallel_for(ceil_div(n, bs), std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
     bool bad = false;
@@ -399,7 +422,8 @@ Status quantize_8bit_cpu(const float* A, int64_t n, int64_t bs, const float* cod
         amax = std::max(amax, std::fabs(A[i]));
       }
       absmax[b] = amax;
-      for (int64_t i = e0; i < e1; ++i) out[i] = quantize_nearest8(code, amax == 0.0f ? 0.0f : A[i] / amax);
+      const float r = 1.0f / amax;
+      for (int64_t i = e0; i < e1; ++i) out[i] = amax == 0.0f ? 0 : table[grid8_point(A[i] * r)];
     }
     if (bad) nonfinite.store(true, std::memory_order_relaxed);
   });

@@ -151,19 +151,20 @@ __device__ __forceinline__ uint32_t encode_nibble(float s, const float* thr, uin
   }
 }
 
-// Same rules as quantize_nearest8(): last code[i] <= x, then the nearer of i and i + 1 (ties low).
-// Branchless: the predicate is monotone over a sorted map, so this finds the same index.
-__device__ __forceinline__ uint32_t nearest8(const float* code, float x) {
-  if (!(x >= code[0])) return 0;
-  int lo = 0;
+// quantize_grid8 (quant.h): bitsandbytes' 65536-point grid, then the number of map midpoints below the
+// grid value, found by a branchless binary search over the 255 sorted midpoints in shared memory; every
+// operation rounds as in the CPU table, so both give the same code.
+__device__ __forceinline__ void grid8_midpoints(const float* code, float* mid, int tid, int nthreads) {
+  for (int j = tid; j < 255; j += nthreads) mid[j] = __fmul_rn(0.5f, __fadd_rn(code[j], code[j + 1]));
+}
+__device__ __forceinline__ uint32_t grid8(const float* mid, float v) {
+  v = fminf(1.0f, fmaxf(-1.0f, v));
+  const int u = static_cast<int>(__fadd_rn(__fmul_rn(__fmul_rn(__fadd_rn(v, 1.0f), 0.5f), 65535.0f), 0.5f));
+  const float val = __fadd_rn(-1.0f, __fdiv_rn(__fmul_rn(2.0f, static_cast<float>(u)), 65535.0f));
+  int c = 0;
 #pragma unroll
-  for (int step = 128; step > 0; step >>= 1) lo += (code[lo + step] <= x) ? step : 0;
-  if (lo < 255) {
-    const float dl = fabsf(__fsub_rn(x, code[lo]));
-    const float dr = fabsf(__fsub_rn(x, code[lo + 1]));
-    if (dr < dl) ++lo;
-  }
-  return static_cast<uint32_t>(lo);
+  for (int step = 128; step > 0; step >>= 1) c += (c + step <= 255 && mid[c + step - 1] < val) ? step : 0;
+  return static_cast<uint32_t>(c);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float s_warp_max[kWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if constexpr (MODE == kMode8) {
-    for (int i = tid; i < 256; i += kThreads) s_tab[i] = __ldg(code8 + i);
+    grid8_midpoints(code8, s_tab, tid, kThreads);  // 8-bit: the map's midpoints (see grid8)
   } else if (tid == 0) {  // constant indices keep the parameter struct out of local memory
 #pragma unroll
     for (int i = 0; i < 16; ++i) s_tab[i] = thr.t[i];
@@ -234,12 +235,10 @@ __global__ void __launch_bounds__(kThreads)
       const bool full = start + 8 <= n;
       if constexpr (MODE == kMode8) {
         uint32_t q[2] = {0u, 0u};
+        const float r = __frcp_rn(m);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          if (start + j < n) {
-            const float normed = zero ? 0.0f : __fdiv_rn(v[c][j], m);
-            q[j >> 2] |= nearest8(s_tab, normed) << (8 * (j & 3));
-          }
+          if (start + j < n && !zero) q[j >> 2] |= grid8(s_tab, __fmul_rn(v[c][j], r)) << (8 * (j & 3));
         }
         if (vec_out && full) {
           *reinterpret_cast<uint2*>(out + start) = make_uint2(q[0], q[1]);
@@ -278,8 +277,8 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     quantize_8bit_generic_kernel(const float* __restrict__ A, int64_t n, int64_t bs, const float* __restrict__ code,
                                  uint8_t* __restrict__ out, float* __restrict__ absmax) {
-  __shared__ float s_code[256];
-  for (int i = threadIdx.x; i < 256; i += kThreads) s_code[i] = __ldg(code + i);
+  __shared__ float s_mid[255];
+  grid8_midpoints(code, s_mid, threadIdx.x, kThreads);
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -292,8 +291,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     if (lane == 0) absmax[b] = m;
     const bool zero = (m == 0.0f);
+    const float r = __frcp_rn(m);
     for (int64_t i = e0 + lane; i < e1; i += 32)
-      out[i] = static_cast<uint8_t>(nearest8(s_code, zero ? 0.0f : __fdiv_rn(A[i], m)));
+      out[i] = zero ? uint8_t(0) : static_cast<uint8_t>(grid8(s_mid, __fmul_rn(A[i], r)));
   }
 }
 
