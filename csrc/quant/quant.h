@@ -37,6 +37,8 @@ uint8_t quantize_nibble(QuantType qt, float scaled);   // scaled = x * (1 / absm
 // that lie below the grid value -1 + (2 * u) / 65535 (every operation a float32 rounding). That is the
 // nearest map value except within half a grid step (1.5e-5) of a midpoint. An all-zero block codes 0.
 uint8_t quantize_grid8(const float* code256, float normed);
+// Plain nearest map value, ties to the lower index: the 8-bit optimizer state's rounding.
+uint8_t quantize_nearest8(const float* code256, float normed);
 
 // ---------------------------------------------------------------------------------------------
 // CPU

@@ -309,6 +309,21 @@ inline int grid8_count(const float* mid, float val) {
 }
 }  // namespace
 
+uint8_t quantize_nearest8(const float* code, float x) {
+  // last index with code[i] <= x (0 when x is below the map), then the nearer of i and i + 1
+  int lo = 0, hi = 255;
+  if (!(x >= code[0])) return 0;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    if (code[mid] <= x) lo = mid; else hi = mid - 1;
+  }
+  if (lo < 255) {
+    float dl = std::fabs(x - code[lo]), dr = std::fabs(x - code[lo + 1]);
+    if (dr < dl) ++lo;
+  }
+  return uint8_t(lo);
+}
+
 uint8_t quantize_grid8(const float* code, float normed) {
   float mid[255];
   grid8_midpoints(code, mid);
