@@ -1,0 +1,179 @@
+"""Benchmark the 4-bit matmul (qlora_ext.functional.matmul_4bit) against dense F.linear on the float
+weight and against dequantize-then-F.linear, all measured in the same run.
+
+Prints a Markdown table (and writes it with --out): time, GB/s (bytes the method must move: its weight
+form, x and y) and TFLOP/s (2*M*N*K / time), forward for every M and backward (grad_x) for M >= 256.
+
+On CUDA every method cycles through enough copies of its weight that the copies together exceed twice
+the L2 cache, so each call reads its weight from HBM (cold L2) as in a real model's forward pass, and the
+device-to-device copy bandwidth is measured in the same run (the M = 1 row reports ours as % of it).
+
+Targets (issue 3): CPU float32: M = 1 at most 0.35x dense time on 4096x4096 and 11008x4096, M = 1024 at
+most 1.10x dense. GPU bfloat16 (weights rotated so L2 is cold): M = 1 >= 75% of copy bandwidth in weight
+bytes on 14336x4096 and >= 3x cuBLAS; M = 16 >= 2.5x cuBLAS; M >= 512 >= 0.95x cuBLAS throughput.
+"""
+import argparse
+import datetime
+import itertools
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import qlora_ext
+from qlora_ext import functional as F
+
+SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096)]
+MS = [1, 8, 32, 256, 1024]
+MS_CUDA = [1, 8, 16, 32, 256, 512, 1024]
+
+
+def rotating(make, nbytes, device):
+    """A list of weight copies (from make()) whose total exceeds 2x the L2 cache on CUDA; one on CPU."""
+    if device.type != "cuda":
+        return [make()]
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return [make() for _ in range(max(1, -(-2 * l2 // nbytes) + 1))]
+
+
+def copy_bandwidth(device, reps, budget):
+    """Device-to-device (or host memory) copy bandwidth in GB/s, bytes = read + write, 256 MiB buffers."""
+    src = torch.ones(64 << 20, device=device)
+    dst = torch.empty_like(src)
+    t = timer(device, lambda: dst.copy_(src), reps, budget)
+    return 2 * src.numel() * 4 / t / 1e9
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def timer(device, fn, reps, budget_s):
+    """Median seconds of fn() after one warm-up; fewer repetitions when a call is slow."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t0
+    n = max(1, min(reps, int(budget_s / max(first, 1e-9))))
+    times = [first]
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,11008x4096")
+    ap.add_argument("--ms", default=None, help="e.g. 1,8,1024")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per cell at most")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else (MS_CUDA if device.type == "cuda" else MS)
+    torch.manual_seed(0)
+    esize = torch.finfo(dtype).bits // 8
+
+    copy_bw = copy_bandwidth(device, args.reps, args.budget)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{cpu_name()}, {torch.get_num_threads()} threads, qlora_ext cpu_isa={qlora_ext.cpu_isa()}"
+    lines = [
+        "# 4-bit matmul benchmark",
+        "",
+        f"- device: {dev_name}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
+        f"dtype {dtype}; NF4 + double quant, blocksize 64",
+        f"- command: `python {' '.join(sys.argv)}`",
+        "- ours = matmul_4bit; dense = F.linear on the float weight; deq+linear = dequantize_4bit then F.linear",
+        "- GB/s counts the weight form each method reads (packed + scales for ours) plus x and y",
+        f"- copy bandwidth (`dst.copy_(src)`, 256 MiB, read + write): {copy_bw:.1f} GB/s; "
+        + ("weights rotated through copies totalling > 2x L2 (cold L2)" if device.type == "cuda" else
+           "CPU: one weight copy per method (ours 4-bit, dense float: both far larger than the 2-core L2)"),
+        "",
+        "| weight | M | pass | ours ms | dense ms | deq+linear ms | ours/dense | ours GB/s | dense GB/s | "
+        "ours TFLOP/s | dense TFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for N, K in shapes:
+        w = torch.randn(N, K, device=device) * 0.02
+        packed, state = F.quantize_4bit(w.to(dtype))
+        wq_bytes = packed.numel() * packed.element_size() + state.absmax.numel() + state.nested_absmax.numel() * 4
+        W = F.dequantize_4bit(packed, state).to(dtype)
+        del w
+        # (packed, state) and W copies, cycled so that on CUDA no call finds its weight in L2
+        quant = itertools.cycle(rotating(lambda: (packed.clone(), state), wq_bytes, device))
+        dense_w = itertools.cycle(rotating(W.clone, N * K * esize, device))
+        del W
+        for M in ms:
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            passes = ["fwd"] + (["bwd"] if M >= 256 else [])
+            for p in passes:
+                if p == "fwd":
+                    def ours():
+                        pk, st = next(quant)
+                        return F.matmul_4bit(x, pk, st)
+
+                    def dense():
+                        return torch.nn.functional.linear(x, next(dense_w))
+
+                    def deq():
+                        pk, st = next(quant)
+                        return torch.nn.functional.linear(x, F.dequantize_4bit(pk, st))
+                    io = (M * K + M * N) * esize
+                else:
+                    g = torch.randn(M, N, device=device, dtype=dtype)
+
+                    def ours():
+                        pk, st = next(quant)
+                        return torch.ops.qlora_ext.matmul_4bit_t(g, pk.view(-1), st.absmax, st.nested_absmax,
+                                                                 st.nested_code, st.offset_value, 256, 64, "nf4",
+                                                                 [N, K])
+
+                    def dense():
+                        return g @ next(dense_w)
+
+                    def deq():
+                        pk, st = next(quant)
+                        return g @ F.dequantize_4bit(pk, st)
+                    io = (M * N + M * K) * esize
+                with torch.no_grad():
+                    t_ours = timer(device, ours, args.reps, args.budget)
+                    t_dense = timer(device, dense, args.reps, args.budget)
+                    t_deq = timer(device, deq, args.reps, args.budget)
+                flops = 2 * M * N * K
+                row = (f"| {N}x{K} | {M} | {p} | {t_ours * 1e3:.3f} | {t_dense * 1e3:.3f} | {t_deq * 1e3:.3f} | "
+                       f"{t_ours / t_dense:.2f} | {(wq_bytes + io) / t_ours / 1e9:.1f} | "
+                       f"{(N * K * esize + io) / t_dense / 1e9:.1f} | {flops / t_ours / 1e12:.3f} | "
+                       f"{flops / t_dense / 1e12:.3f} |")
+                if M == 1 and device.type == "cuda":
+                    row += f" ours weight bytes at {100 * wq_bytes / t_ours / 1e9 / copy_bw:.0f}% of copy |"
+                print(row, flush=True)
+                lines.append(row)
+        del quant, dense_w
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
