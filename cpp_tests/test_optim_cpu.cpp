@@ -12,6 +12,7 @@
 
 #include "common/convert.h"
 #include "optim/optim.h"
+#include "optim/optim_cpu_detail.h"
 #include "quant/quant.h"
 
 using namespace qx;
@@ -319,4 +320,35 @@ TEST(OptimCpu, BadArgumentsAreRejected) {
   EXPECT_EQ(optim_step_cpu(OptimKind(7), p.data(), g.data(), DType::kFloat32, 10, s, h), Status::kInvalidArgument);
   EXPECT_EQ(optim_step_cpu(OptimKind::kAdamW, p.data(), g.data(), DType(9), 10, s, h), Status::kUnsupported);
   EXPECT_EQ(optim_step_cpu(OptimKind::kAdamW, nullptr, nullptr, DType::kFloat32, 0, OptimState{}, h), Status::kOk);
+}
+
+TEST(OptimCpu, EncoderEqualsNearestCodeForEveryKindOfFloat) {
+  // The kernels encode by counting precomputed decision thresholds; this must pick exactly the code
+  // quantize_nearest8 picks (nearest, ties to the lower index), including right at and around every
+  // decision point, at the codes themselves, outside [-1, 1], and for zeros, infinities and NaN.
+  std::mt19937 gen(6);
+  for (bool is_signed : {true, false}) {
+    const float* code = dynamic_map(is_signed);
+    std::vector<float> x = {0.0f, -0.0f, 1.0f, -1.0f, 2.0f, -2.0f, kInf, -kInf, NAN, -NAN, 1e-30f, -1e-30f,
+                            std::numeric_limits<float>::denorm_min(), -std::numeric_limits<float>::denorm_min()};
+    for (int j = 0; j < 256; ++j) {
+      float c = code[j];
+      for (int k = 0; k < 3; ++k) c = std::nextafter(c, -kInf);
+      for (int k = 0; k < 7; ++k, c = std::nextafter(c, kInf)) x.push_back(c);
+      if (j == 255) break;
+      const double mid = (double(code[j]) + double(code[j + 1])) / 2;  // around the decision midpoint
+      float m = float(mid);
+      for (int k = 0; k < 4; ++k) m = std::nextafter(m, -kInf);
+      for (int k = 0; k < 9; ++k, m = std::nextafter(m, kInf)) x.push_back(m);
+    }
+    std::uniform_real_distribution<float> u(-1.1f, 1.1f);
+    std::uniform_int_distribution<uint32_t> bits;
+    for (int i = 0; i < 200000; ++i) x.push_back(u(gen));
+    for (int i = 0; i < 50000; ++i) x.push_back(bits_to_float(bits(gen)));
+    std::vector<uint8_t> q(x.size());
+    detail::encode8_cpu(is_signed, x.data(), int64_t(x.size()), q.data());
+    for (size_t i = 0; i < x.size(); ++i)
+      ASSERT_EQ(q[i], quantize_nearest8(code, x[i])) << (is_signed ? "signed" : "unsigned") << " x=" << x[i]
+                                                      << " bits=" << std::hex << float_to_bits(x[i]);
+  }
 }

@@ -17,24 +17,64 @@
 #include "../quant/quant.h"
 #include "../quant/quant_cpu_detail.h"
 #include "optim.h"
+#include "optim_cpu_detail.h"
 
 namespace qx {
 namespace {
 
-struct Maps {  // the 8-bit state's code tables and the index of 0.0 in each (for padding)
+// Nearest-code encoding of one dynamic map by one table lookup. The 65536 floats sharing their top 16 bits (a
+// "bucket": sign, exponent, 7 mantissa bits) hold at most one decision point of the map (checked when the table
+// is built), so lut[bits >> 16] = base | (t << 8) gives the code exactly: base, plus one if the value's position
+// in its bucket (low 16 bits, reversed for negative floats so that it grows with the value) is >= t
+// (t = 0x10000: no decision point in the bucket). NaN, the only non-monotone case, encodes to 0.
+struct Encoder {
+  alignas(64) uint32_t lut[65536];
+};
+
+bool build_encoder(const float* code, Encoder* e) {
+  for (uint32_t key = 0; key < 65536; ++key) {
+    const bool neg = key & 0x8000u;
+    auto at = [&](uint32_t pos) { return bits_to_float((key << 16) | (neg ? 0xffffu - pos : pos)); };
+    if ((key & 0x7f80u) == 0x7f80u) {  // +-Inf (position 0 of +Inf's bucket, 0xffff of -Inf's) and NaNs
+      e->lut[key] = quantize_nearest8(code, at(neg ? 0xffffu : 0u)) | (0x10000u << 8);
+      continue;
+    }
+    // quantize_nearest8 is monotone in the value: bisect the bucket for its decision point, if any.
+    const uint32_t lo = quantize_nearest8(code, at(0)), hi = quantize_nearest8(code, at(0xffff));
+    if (hi > lo + 1) return false;
+    uint32_t t = 0x10000u;
+    if (hi != lo) {
+      uint32_t a = 0, b = 0xffff;  // encodes to lo at a, to hi at b
+      while (b - a > 1) {
+        const uint32_t mid = a + (b - a) / 2;
+        (quantize_nearest8(code, at(mid)) == hi ? b : a) = mid;
+      }
+      t = b;
+    }
+    e->lut[key] = lo | (t << 8);
+  }
+  return true;
+}
+
+struct Maps {  // the 8-bit state's code tables, their encoders and the index of 0.0 in each (for padding)
   const float* s;
   const float* u;
+  Encoder enc_s, enc_u;
   uint8_t zero_s, zero_u;
+  bool ok;  // both maps have at most one decision point per bucket (true for the format's maps)
 };
 
 const Maps& maps() {
-  static const Maps m = [] {
-    Maps r{dynamic_map(true), dynamic_map(false), 0, 0};
-    r.zero_s = quantize_nearest8(r.s, 0.0f);
-    r.zero_u = quantize_nearest8(r.u, 0.0f);
+  static const Maps* m = [] {
+    Maps* r = new Maps();
+    r->s = dynamic_map(true);
+    r->u = dynamic_map(false);
+    r->ok = build_encoder(r->s, &r->enc_s) && build_encoder(r->u, &r->enc_u);
+    r->zero_s = quantize_nearest8(r->s, 0.0f);
+    r->zero_u = quantize_nearest8(r->u, 0.0f);
     return r;
   }();
-  return m;
+  return *m;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -62,7 +102,6 @@ QX_FN M finite(V a) { return std::fabs(a) < std::numeric_limits<float>::infinity
 QX_FN V select(M m, V a, V b) { return m ? a : b; }
 QX_FN I iset1(int x) { return x; }
 QX_FN I iadd(I a, int b) { return a + b; }
-QX_FN I imin(I a, int b) { return a < b ? a : b; }
 QX_FN I iselect(M m, I a, I b) { return m ? a : b; }
 QX_FN V gather(const float* t, I i) { return t[i]; }
 QX_FN I load_idx(const uint8_t* p) { return *p; }
@@ -74,6 +113,12 @@ template <DType D>
 QX_FN V load_p(const void* p, int64_t i) { return load_elem(p, D, i); }
 template <DType D>
 QX_FN void store_p(void* p, int64_t i, V v) { store_elem(p, D, i, v); }
+QX_FN I nearest(const Encoder& e, V x) {
+  if (x != x) return 0;
+  const uint32_t b = float_to_bits(x), ent = e.lut[b >> 16];
+  const uint32_t pos = (b & 0xffffu) ^ ((b >> 31) ? 0xffffu : 0u);
+  return static_cast<I>((ent & 0xffu) + (pos >= (ent >> 8) ? 1u : 0u));
+}
 #include "optim_cpu_body.inc"
 #undef QX_FN
 }  // namespace isa_scalar
@@ -103,7 +148,6 @@ QX_FN M finite(V a) { return lt(vabs(a), set1(std::numeric_limits<float>::infini
 QX_FN V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
 QX_FN I iset1(int x) { return _mm256_set1_epi32(x); }
 QX_FN I iadd(I a, int b) { return _mm256_add_epi32(a, _mm256_set1_epi32(b)); }
-QX_FN I imin(I a, int b) { return _mm256_min_epi32(a, _mm256_set1_epi32(b)); }
 QX_FN I iselect(M m, I a, I b) {
   return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(b), _mm256_castsi256_ps(a), m));
 }
@@ -150,6 +194,15 @@ QX_FN void store_p(void* p, int64_t i, V v) {
   }
   _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), h);
 }
+QX_FN I nearest(const Encoder& e, V x) {  // the scalar rule per lane, one gather
+  const I b = _mm256_castps_si256(x), low = _mm256_set1_epi32(0xffff);
+  const I ent = _mm256_i32gather_epi32(reinterpret_cast<const int*>(e.lut), _mm256_srli_epi32(b, 16), 4);
+  const I pos = _mm256_xor_si256(_mm256_and_si256(b, low), _mm256_srli_epi32(_mm256_srai_epi32(b, 31), 16));
+  // base + 1 - (t > pos); positions and t are below 2^17, so the signed compare is exact
+  I idx = _mm256_add_epi32(_mm256_and_si256(ent, _mm256_set1_epi32(0xff)), _mm256_set1_epi32(1));
+  idx = _mm256_add_epi32(idx, _mm256_cmpgt_epi32(_mm256_srli_epi32(ent, 8), pos));
+  return _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)), idx);  // NaN -> 0
+}
 #include "optim_cpu_body.inc"
 #undef QX_FN
 }  // namespace isa_avx2
@@ -179,7 +232,6 @@ QX_FN M finite(V a) { return lt(vabs(a), set1(std::numeric_limits<float>::infini
 QX_FN V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
 QX_FN I iset1(int x) { return _mm512_set1_epi32(x); }
 QX_FN I iadd(I a, int b) { return _mm512_add_epi32(a, _mm512_set1_epi32(b)); }
-QX_FN I imin(I a, int b) { return _mm512_min_epi32(a, _mm512_set1_epi32(b)); }
 QX_FN I iselect(M m, I a, I b) { return _mm512_mask_blend_epi32(m, b, a); }
 QX_FN V gather(const float* t, I i) { return _mm512_i32gather_ps(i, t, 4); }
 QX_FN I load_idx(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -214,6 +266,14 @@ QX_FN void store_p(void* p, int64_t i, V v) {
   }
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i), h);
 }
+QX_FN I nearest(const Encoder& e, V x) {  // the scalar rule per lane, one gather
+  const I b = _mm512_castps_si512(x), low = _mm512_set1_epi32(0xffff);
+  const I ent = _mm512_i32gather_epi32(_mm512_srli_epi32(b, 16), e.lut, 4);
+  const I pos = _mm512_xor_si512(_mm512_and_si512(b, low), _mm512_srli_epi32(_mm512_srai_epi32(b, 31), 16));
+  I idx = _mm512_and_si512(ent, _mm512_set1_epi32(0xff));
+  idx = _mm512_mask_add_epi32(idx, _mm512_cmpge_epi32_mask(pos, _mm512_srli_epi32(ent, 8)), idx, _mm512_set1_epi32(1));
+  return _mm512_mask_mov_epi32(idx, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_setzero_si512());  // NaN -> 0
+}
 #include "optim_cpu_body.inc"
 #undef QX_FN
 }  // namespace isa_avx512
@@ -227,6 +287,17 @@ constexpr int64_t kGrainUnits = 128;
 constexpr int64_t kGrainBlocks = 32;  // 8-bit state: 8192 elements per task at least
 
 }  // namespace
+
+namespace detail {
+void encode8_cpu(bool is_signed, const float* x, int64_t n, uint8_t* q) {
+  const Encoder& e = is_signed ? maps().enc_s : maps().enc_u;
+  switch (isa_level()) {
+    case 2: isa_avx512::encode_values(x, n, e, q); break;
+    case 1: isa_avx2::encode_values(x, n, e, q); break;
+    default: isa_scalar::encode_values(x, n, e, q); break;
+  }
+}
+}  // namespace detail
 
 Status optim_hyper(OptimKind kind, double lr, double beta1, double beta2, double eps, double weight_decay,
                    int64_t step, OptimHyper* out) {
@@ -273,6 +344,7 @@ Status optim_step_cpu(OptimKind kind, void* param, const void* grad, DType dtype
     });
   } else {
     const Maps& mp = maps();
+    if (!mp.ok) return Status::kUnsupported;
     parallel_for(ceil_div(n, kOptimBlock), kGrainBlocks, [&](int64_t b0, int64_t b1) {
       if (level == 2) isa_avx512::run8(kind, dtype, param, grad, s, n, b0, b1, mp, h);
       else if (level == 1) isa_avx2::run8(kind, dtype, param, grad, s, n, b0, b1, mp, h);
