@@ -117,6 +117,21 @@ def h2d_bandwidth(device, nbytes: int = 512 << 20) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
+def copy_bandwidth(device, nbytes: int = 512 << 20) -> float:
+    """GB/s of dst.copy_(src) on the device (bytes = read + write): the memory roofline of one pass."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.zeros_like(src)
+    times = []
+    for i in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
 def candidates(device):
     """(label, factory, state bytes per parameter of one pass) in the order they run."""
     out = [("torch AdamW(foreach=True)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), 8)]
@@ -198,6 +213,7 @@ def main(argv=None) -> int:
         f"- target: {CUDA_TARGETS if device.type == 'cuda' else CPU_TARGET}",
         "",
     ]
+    lines.insert(-1, f"- copy bandwidth: {copy_bandwidth(device):.1f} GB/s (`dst.copy_(src)`, 2 x 512 MiB, read + write)")
     for line in lines:
         print(line, flush=True)
     rows, paging = [], []
@@ -238,6 +254,7 @@ def main(argv=None) -> int:
     for line in out:
         print(line, flush=True)
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write("\n".join(lines + out) + "\n")
     return 0

@@ -417,6 +417,22 @@ def test_nonfinite_gradients_skip_only_their_elements(device, cls):
             assert torch.equal(opt.state[p][key].cpu()[skipped], state_before[key].cpu()[skipped])
 
 
+def test_grad_scaler_skips_whole_steps_on_overflow():
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = O.AdamW8bit([p])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler.scale((p * p).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.state[p]["step"].item() == 1
+    before = p.detach().clone()
+    opt.zero_grad()
+    scaler.scale((p * float("inf")).sum()).backward()
+    scaler.step(opt)  # found inf: the optimizer is not called
+    scaler.update()
+    assert torch.equal(p.detach(), before) and opt.state[p]["step"].item() == 1
+
+
 def test_params_without_grad_are_skipped_and_zero_grad_works():
     a, b = torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(10))
     opt = O.AdamW8bit([a, b])
