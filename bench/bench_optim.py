@@ -207,13 +207,15 @@ def main(argv=None) -> int:
         f"- torch {torch.__version__}, qlora_ext {qlora_ext.__version__}, Python {platform.python_version()}",
         "- command: `" + " ".join(["python", *map(shlex.quote, sys.argv)]) + "`"
         + (f" (env: {' '.join(f'{k}={v}' for k, v in env.items())})" if env else ""),
-        f"- parameters: {args.dtype}, tensors of at most {MAX_TENSOR} elements, gradients set once; lr 1e-3 (Lion 1e-4)",
+        f"- parameters: {args.dtype}, tensors of at most {MAX_TENSOR} elements, gradients set once; "
+        "lr 1e-3 (Lion 1e-4)",
         f"- timing: median of {args.reps} steps after {args.warmup} warmup steps "
         f"({'CUDA events' if device.type == 'cuda' else 'time.perf_counter'})",
         f"- target: {CUDA_TARGETS if device.type == 'cuda' else CPU_TARGET}",
         "",
     ]
-    lines.insert(-1, f"- copy bandwidth: {copy_bandwidth(device):.1f} GB/s (`dst.copy_(src)`, 2 x 512 MiB, read + write)")
+    lines.insert(-1, f"- copy bandwidth: {copy_bandwidth(device):.1f} GB/s (`dst.copy_(src)`, 2 x 512 MiB, "
+                     "read + write counted, not the write-allocate reads)")
     for line in lines:
         print(line, flush=True)
     rows, paging = [], []

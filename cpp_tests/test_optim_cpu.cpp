@@ -33,7 +33,9 @@ struct Tensor {
   std::vector<uint16_t> h;
   std::vector<float> f;
   void* data() { return dt == DType::kFloat32 ? static_cast<void*>(f.data()) : static_cast<void*>(h.data()); }
-  float get(int64_t i) const { return load_elem(dt == DType::kFloat32 ? static_cast<const void*>(f.data()) : h.data(), dt, i); }
+  float get(int64_t i) const {
+    return load_elem(dt == DType::kFloat32 ? static_cast<const void*>(f.data()) : h.data(), dt, i);
+  }
   void set(int64_t i, float v) { store_elem(data(), dt, i, v); }
 };
 
@@ -157,7 +159,8 @@ TEST(OptimCpu, Float32StateIsBitExactWithTheDocumentedOrder) {
           }
         }
         for (int64_t i = 0; i < n; ++i) {
-          ASSERT_EQ(float_to_bits(p.get(i)), float_to_bits(rp.get(i))) << name(k) << " " << name(dt) << " n=" << n << " i=" << i;
+          ASSERT_EQ(float_to_bits(p.get(i)), float_to_bits(rp.get(i)))
+              << name(k) << " " << name(dt) << " n=" << n << " i=" << i;
           ASSERT_EQ(float_to_bits(s.m[i]), float_to_bits(rs.m[i])) << name(k) << " " << name(dt) << " n=" << n;
           if (k == OptimKind::kAdamW) {
             ASSERT_EQ(float_to_bits(s.v[i]), float_to_bits(rs.v[i]));
@@ -223,12 +226,14 @@ TEST(OptimCpu, EightBitStateIsBitExactWithDecodeUpdateEncode) {
             am = std::max(am, std::fabs(m[i - e0]));
             av = std::max(av, std::fabs(v[i - e0]));
           }
-          ASSERT_EQ(float_to_bits(s.am[b]), float_to_bits(am)) << name(k) << " " << name(dt) << " n=" << n << " b=" << b;
+          ASSERT_EQ(float_to_bits(s.am[b]), float_to_bits(am))
+              << name(k) << " " << name(dt) << " n=" << n << " b=" << b;
           if (k == OptimKind::kAdamW) {
             ASSERT_EQ(float_to_bits(s.av[b]), float_to_bits(av));
           }
           for (int64_t i = e0; i < e1; ++i) {
-            ASSERT_EQ(s.qm[i], quantize_nearest8(cs, am == 0 ? 0.0f : m[i - e0] / am)) << name(k) << " n=" << n << " i=" << i;
+            ASSERT_EQ(s.qm[i], quantize_nearest8(cs, am == 0 ? 0.0f : m[i - e0] / am))
+                << name(k) << " n=" << n << " i=" << i;
             if (k == OptimKind::kAdamW) {
               ASSERT_EQ(s.qv[i], quantize_nearest8(cu, av == 0 ? 0.0f : v[i - e0] / av));
             }
@@ -248,7 +253,8 @@ TEST(OptimCpu, NonFiniteGradientsSkipOnlyTheirElements) {
       const float vals[] = {NAN, kInf, -kInf, NAN};
       for (int j = 0; j < 4; ++j) g.set(bad[j], vals[j]);
       if (k == OptimKind::kAdamW && dt == DType::kFloat32) g.f[3] = 1e30f;  // squared gradient overflows
-      State32 s{std::vector<float>(n, 0.5f), k == OptimKind::kAdamW ? std::vector<float>(n, 0.25f) : std::vector<float>()};
+      State32 s{std::vector<float>(n, 0.5f),
+                k == OptimKind::kAdamW ? std::vector<float>(n, 0.25f) : std::vector<float>()};
       const Tensor p0 = p;
       ASSERT_EQ(optim_step_cpu(k, p.data(), g.data(), dt, n, s.view(), hyper(k, 5, 0.5)), Status::kOk);
       for (int64_t i = 0; i < n; ++i) {
@@ -256,7 +262,8 @@ TEST(OptimCpu, NonFiniteGradientsSkipOnlyTheirElements) {
                              (k == OptimKind::kAdamW && dt == DType::kFloat32 && i == 3);
         // (a float16 / bfloat16 parameter may round back to its old value, so only skipping is certain there)
         if (skipped || dt == DType::kFloat32) {
-          ASSERT_EQ(float_to_bits(p.get(i)) == float_to_bits(p0.get(i)), skipped) << name(k) << " " << name(dt) << " i=" << i;
+          ASSERT_EQ(float_to_bits(p.get(i)) == float_to_bits(p0.get(i)), skipped)
+              << name(k) << " " << name(dt) << " i=" << i;
         }
         ASSERT_EQ(s.m[i] == 0.5f, skipped) << i;
         ASSERT_TRUE(std::isfinite(p.get(i)) && std::isfinite(s.m[i]));
@@ -272,7 +279,8 @@ TEST(OptimCpu, EightBitZeroStateAndZeroGradientStayZero) {
   const float* cs = dynamic_map(true);
   const uint8_t z = quantize_nearest8(cs, 0.0f);
   ASSERT_EQ(cs[z], 0.0f);
-  State8 s{std::vector<uint8_t>(n, z), std::vector<uint8_t>(n, 0), std::vector<float>(3, 0.0f), std::vector<float>(3, 0.0f)};
+  State8 s{std::vector<uint8_t>(n, z), std::vector<uint8_t>(n, 0), std::vector<float>(3, 0.0f),
+           std::vector<float>(3, 0.0f)};
   std::vector<float> p(n, 1.0f), g(n, 0.0f);
   ASSERT_EQ(optim_step_cpu(OptimKind::kAdamW, p.data(), g.data(), DType::kFloat32, n, s.view(),
                            hyper(OptimKind::kAdamW, 1, 0.0)), Status::kOk);
@@ -293,9 +301,13 @@ TEST(OptimCpu, ThreadCountDoesNotChangeResults) {
     State32 s32b = s32;
     cpu_set_num_threads(1);
     const OptimHyper h = hyper(OptimKind::kAdamW, 2);
-    ASSERT_EQ(optim_step_cpu(OptimKind::kAdamW, p1.data(), g.data(), DType::kBFloat16, n, eight ? s8b.view() : s32b.view(), h), Status::kOk);
+    ASSERT_EQ(optim_step_cpu(OptimKind::kAdamW, p1.data(), g.data(), DType::kBFloat16, n,
+                             eight ? s8b.view() : s32b.view(), h),
+              Status::kOk);
     cpu_set_num_threads(3);
-    ASSERT_EQ(optim_step_cpu(OptimKind::kAdamW, p.data(), g.data(), DType::kBFloat16, n, eight ? s8.view() : s32.view(), h), Status::kOk);
+    ASSERT_EQ(optim_step_cpu(OptimKind::kAdamW, p.data(), g.data(), DType::kBFloat16, n,
+                             eight ? s8.view() : s32.view(), h),
+              Status::kOk);
     cpu_set_num_threads(0);
     EXPECT_EQ(p.h, p1.h);
     EXPECT_EQ(s8.qm, s8b.qm);
@@ -312,7 +324,8 @@ TEST(OptimCpu, BadArgumentsAreRejected) {
   EXPECT_EQ(optim_step_cpu(OptimKind::kAdamW, nullptr, g.data(), DType::kFloat32, 10, s, h), Status::kInvalidArgument);
   EXPECT_EQ(optim_step_cpu(OptimKind::kAdamW, p.data(), g.data(), DType::kFloat32, 10, OptimState{m.data()}, h),
             Status::kInvalidArgument);  // AdamW needs v
-  EXPECT_EQ(optim_step_cpu(OptimKind::kLion, p.data(), g.data(), DType::kFloat32, 10, OptimState{m.data()}, h), Status::kOk);
+  EXPECT_EQ(optim_step_cpu(OptimKind::kLion, p.data(), g.data(), DType::kFloat32, 10, OptimState{m.data()}, h),
+            Status::kOk);
   OptimState s8;
   std::vector<uint8_t> q(10);
   s8.qm = q.data();  // 8-bit without absmax

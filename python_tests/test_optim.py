@@ -195,7 +195,8 @@ def _regression_losses(make_opt, steps=200):
     """(initial, final) training loss of a small MLP on a noisy regression task, full batch."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(2048, 32, generator=g)
-    y = torch.tanh(X @ (torch.randn(32, 4, generator=g) / 4)).sum(1, keepdim=True) + 0.1 * torch.randn(2048, 1, generator=g)
+    W = torch.randn(32, 4, generator=g) / 4
+    y = torch.tanh(X @ W).sum(1, keepdim=True) + 0.1 * torch.randn(2048, 1, generator=g)
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 1))  # 4096: 8-bit
     opt = make_opt(model.parameters())
@@ -456,7 +457,8 @@ def test_cpu_accepts_and_ignores_paging():
 
 def test_opcheck():
     p, g, m, v = torch.randn(300), torch.randn(300), torch.zeros(300), torch.zeros(300)
-    torch.library.opcheck(ops.optimizer_step.default, (p, g, m, v, None, None, "adamw", 1, 1e-3, 0.9, 0.999, 1e-8, 0.01))
+    torch.library.opcheck(ops.optimizer_step.default,
+                          (p, g, m, v, None, None, "adamw", 1, 1e-3, 0.9, 0.999, 1e-8, 0.01))
     q1, q2 = torch.full((300,), 127, dtype=torch.uint8), torch.zeros(300, dtype=torch.uint8)
     a1, a2 = torch.zeros(2), torch.zeros(2)
     torch.library.opcheck(ops.optimizer_step.default, (p, g, q1, q2, a1, a2, "adamw", 1, 1e-3, 0.9, 0.999, 1e-8, 0.0))

@@ -234,7 +234,9 @@ QX_FN I iset1(int x) { return _mm512_set1_epi32(x); }
 QX_FN I iadd(I a, int b) { return _mm512_add_epi32(a, _mm512_set1_epi32(b)); }
 QX_FN I iselect(M m, I a, I b) { return _mm512_mask_blend_epi32(m, b, a); }
 QX_FN V gather(const float* t, I i) { return _mm512_i32gather_ps(i, t, 4); }
-QX_FN I load_idx(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+QX_FN I load_idx(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 QX_FN void store_idx(uint8_t* p, I i) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(i)); }
 QX_FN V load(const float* p) { return _mm512_loadu_ps(p); }
 QX_FN void store(float* p, V v) { _mm512_storeu_ps(p, v); }

@@ -31,7 +31,8 @@ Status launch_status() { return cudaGetLastError() == cudaSuccess ? Status::kOk 
 
 int sm_count() {
   int dev = 0, count = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
     count = 0;
   cudaGetLastError();
   return std::max(count, 1);
@@ -243,7 +244,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < kVec8; ++j) {  // x / absmax as quantize_8bit: an all-zero block encodes 0
       qmb[j] = static_cast<uint8_t>(nearest8(s_code, mx_m == 0.0f ? 0.0f : __fdiv_rn(mv[j], mx_m)));
-      if constexpr (kAdam) qvb[j] = static_cast<uint8_t>(nearest8(u_code, mx_v == 0.0f ? 0.0f : __fdiv_rn(vv[j], mx_v)));
+      if constexpr (kAdam)
+        qvb[j] = static_cast<uint8_t>(nearest8(u_code, mx_v == 0.0f ? 0.0f : __fdiv_rn(vv[j], mx_v)));
     }
     if (VEC && full) {
       st_param<kVec8>(p + e0, pv);
@@ -269,7 +271,8 @@ template <typename T, OptimKind K>
 Status launch(T* p, const T* g, int64_t n, const OptimState& s, const OptimHyper& h, cudaStream_t stream) {
   const int64_t cap = int64_t(sm_count()) * 8;  // resident blocks; the kernels stride over the rest
   if (!s.eight_bit()) {
-    const bool vec = aligned(p, kVec32 * sizeof(T)) && aligned(g, kVec32 * sizeof(T)) && aligned(s.m, 16) && aligned(s.v, 16);
+    const bool vec =
+        aligned(p, kVec32 * sizeof(T)) && aligned(g, kVec32 * sizeof(T)) && aligned(s.m, 16) && aligned(s.v, 16);
     const int64_t blocks = std::min<int64_t>(cap, (n + kThreads * kVec32 - 1) / (kThreads * kVec32));
     if (vec) step32_kernel<T, K, true><<<unsigned(blocks), kThreads, 0, stream>>>(p, g, s.m, s.v, n, h);
     else step32_kernel<T, K, false><<<unsigned(blocks), kThreads, 0, stream>>>(p, g, s.m, s.v, n, h);
@@ -281,10 +284,8 @@ Status launch(T* p, const T* g, int64_t n, const OptimState& s, const OptimHyper
                      aligned(s.qv, kVec8);
     const int64_t nblocks = (n + kOptimBlock - 1) / kOptimBlock;
     const int64_t blocks = std::min<int64_t>(cap, (nblocks + kWarps - 1) / kWarps);
-    if (vec)
-      step8_kernel<T, K, true><<<unsigned(blocks), kThreads, 0, stream>>>(p, g, s.qm, s.qv, s.absmax_m, s.absmax_v, n, h, maps);
-    else
-      step8_kernel<T, K, false><<<unsigned(blocks), kThreads, 0, stream>>>(p, g, s.qm, s.qv, s.absmax_m, s.absmax_v, n, h, maps);
+    auto kernel = vec ? step8_kernel<T, K, true> : step8_kernel<T, K, false>;
+    kernel<<<unsigned(blocks), kThreads, 0, stream>>>(p, g, s.qm, s.qv, s.absmax_m, s.absmax_v, n, h, maps);
   }
   return launch_status();
 }
