@@ -92,6 +92,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _new_arena(self, nbytes: int, device: torch.device) -> torch.Tensor:
         if self.paged and device.type == "cuda":
+            if nbytes > torch.cuda.mem_get_info(device)[0]:
+                torch.cuda.empty_cache()  # memory cached by torch's allocator counts as used by the driver
             arena = ops.paged_empty(nbytes, device)  # refuses more than the free GPU memory
             ops.paged_prefetch(arena, False)  # populate on the GPU rather than page-faulting in the fill below
         else:
@@ -150,7 +152,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             # Never oversubscribe: bringing back more than the GPU has free could stall the machine.
             for dev in {a.device for a in arenas}:
                 need = sum(a.numel() for a in arenas if a.device == dev)
-                free, _ = torch.cuda.mem_get_info(dev)
+                if need > torch.cuda.mem_get_info(dev)[0]:
+                    torch.cuda.empty_cache()
+                free = torch.cuda.mem_get_info(dev)[0]
                 if need > free:
                     raise RuntimeError(
                         f"{type(self).__name__}: cannot bring {need} bytes of paged optimizer state back to {dev}: "
