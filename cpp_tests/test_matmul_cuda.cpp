@@ -19,29 +19,18 @@
 
 #include "../csrc/common/convert.h"
 #include "../csrc/matmul/matmul.h"
+#include "cuda_test_util.h"
 
 namespace {
+
+using qx_test::DevBuf;
+using qx_test::upload;
 
 using qx::AbsmaxView;
 using qx::DType;
 using qx::QuantType;
 using qx::Status;
 using qx::Weight4;
-
-bool gpu_available() {
-  static const bool has = [] {
-    int count = 0;
-    const bool ok = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-    cudaGetLastError();  // a missing driver leaves an error behind; later checks must not see it
-    return ok;
-  }();
-  return has;
-}
-
-#define REQUIRE_GPU()                                       \
-  do {                                                      \
-    if (!gpu_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 const DType kXTypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
 const QuantType kQuantTypes[] = {QuantType::kNF4, QuantType::kFP4};
@@ -62,35 +51,6 @@ float round_to(DType t, float v) {
 }
 
 // ---- device memory (cudaMalloc only) ----
-class DevBuf {
- public:
-  explicit DevBuf(size_t bytes) : bytes_(bytes) {
-    if (cudaMalloc(&p_, bytes ? bytes : 1) != cudaSuccess) p_ = nullptr;
-  }
-  ~DevBuf() {
-    if (p_) cudaFree(p_);
-  }
-  DevBuf(const DevBuf&) = delete;
-  DevBuf& operator=(const DevBuf&) = delete;
-  bool ok() const { return p_ != nullptr; }
-  template <typename T = void>
-  T* get(size_t byte_offset = 0) const {
-    return reinterpret_cast<T*>(static_cast<char*>(p_) + byte_offset);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* p_ = nullptr;
-  size_t bytes_;
-};
-
-::testing::AssertionResult upload(const DevBuf& d, const void* src, size_t bytes, size_t offset = 0) {
-  if (!d.ok()) return ::testing::AssertionFailure() << "cudaMalloc failed";
-  if (bytes == 0) return ::testing::AssertionSuccess();
-  const cudaError_t e = cudaMemcpy(d.get(offset), src, bytes, cudaMemcpyHostToDevice);
-  if (e != cudaSuccess) return ::testing::AssertionFailure() << "upload: " << cudaGetErrorString(e);
-  return ::testing::AssertionSuccess();
-}
 
 // ---- quantized weights ----
 struct HostWeight {

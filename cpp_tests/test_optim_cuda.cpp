@@ -12,25 +12,11 @@
 #include "common/convert.h"
 #include "optim/optim.h"
 #include "quant/quant.h"
+#include "cuda_test_util.h"
 
 using namespace qx;
 
 namespace {
-
-bool gpu_available() {
-  static const bool has = [] {
-    int count = 0;
-    const bool ok = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-    cudaGetLastError();  // a missing driver leaves an error behind; later checks must not see it
-    return ok;
-  }();
-  return has;
-}
-
-#define REQUIRE_GPU()                                       \
-  do {                                                      \
-    if (!gpu_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 template <typename T>
 T* to_device(const std::vector<T>& h, size_t extra_bytes = 0) {

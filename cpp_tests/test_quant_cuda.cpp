@@ -13,28 +13,17 @@
 #include <vector>
 
 #include "../csrc/quant/quant.h"
+#include "cuda_test_util.h"
 
 namespace {
+
+using qx_test::DevBuf;
+using qx_test::upload;
 
 using qx::AbsmaxView;
 using qx::DType;
 using qx::QuantType;
 using qx::Status;
-
-bool gpu_available() {
-  static const bool has = [] {
-    int count = 0;
-    const bool ok = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-    cudaGetLastError();  // a missing driver leaves an error behind; later checks must not see it
-    return ok;
-  }();
-  return has;
-}
-
-#define REQUIRE_GPU()                                     \
-  do {                                                    \
-    if (!gpu_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 const int64_t kSizes[] = {1, 63, 64, 65, 1000, 4097, 123457};
 const int64_t kBlocks4[] = {32, 64, 128, 4096};
@@ -94,35 +83,6 @@ std::vector<uint8_t> encode(const std::vector<float>& v, DType dt) {
 }
 
 // ---- device buffers ----
-class DevBuf {
- public:
-  explicit DevBuf(size_t bytes) : bytes_(bytes) {
-    if (cudaMalloc(&p_, bytes ? bytes : 1) != cudaSuccess) p_ = nullptr;
-  }
-  ~DevBuf() {
-    if (p_) cudaFree(p_);
-  }
-  DevBuf(const DevBuf&) = delete;
-  DevBuf& operator=(const DevBuf&) = delete;
-  bool ok() const { return p_ != nullptr; }
-  template <typename T = void>
-  T* get(size_t byte_offset = 0) const {
-    return reinterpret_cast<T*>(static_cast<char*>(p_) + byte_offset);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* p_ = nullptr;
-  size_t bytes_;
-};
-
-::testing::AssertionResult upload(const DevBuf& d, const void* src, size_t bytes, size_t offset = 0) {
-  if (!d.ok()) return ::testing::AssertionFailure() << "cudaMalloc failed";
-  if (bytes == 0) return ::testing::AssertionSuccess();
-  const cudaError_t e = cudaMemcpy(d.get(offset), src, bytes, cudaMemcpyHostToDevice);
-  if (e != cudaSuccess) return ::testing::AssertionFailure() << "upload: " << cudaGetErrorString(e);
-  return ::testing::AssertionSuccess();
-}
 
 template <typename T>
 ::testing::AssertionResult download(std::vector<T>* dst, const DevBuf& d, size_t count, size_t offset = 0) {
