@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/cuda_convert.cuh"
 #include "../quant/codes.h"
 #include "matmul.h"
 
@@ -61,39 +62,6 @@ struct ScaleArgs {
 // ---------------------------------------------------------------------------------------------
 // Device helpers
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// Two values as one 32-bit word (lo at the lower address), RNE.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  uint32_t u;
-  memcpy(&u, &h, sizeof(u));
-  return u;
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  uint32_t u;
-  memcpy(&u, &h, sizeof(u));
-  return u;
-}
-
 // One x element from global memory, read-only path.
 __device__ __forceinline__ float ldg_x(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float ldg_x(const __half* p) {
@@ -550,7 +518,7 @@ __device__ __forceinline__ void store8(XT* dst, const float (&w)[8]) {  // dst 1
     reinterpret_cast<float4*>(dst)[1] = make_float4(w[4], w[5], w[6], w[7]);
   } else {
     *reinterpret_cast<uint4*>(dst) =
-        make_uint4(pack2<XT>(w[0], w[1]), pack2<XT>(w[2], w[3]), pack2<XT>(w[4], w[5]), pack2<XT>(w[6], w[7]));
+        make_uint4(pack_pair<XT>(w[0], w[1]), pack_pair<XT>(w[2], w[3]), pack_pair<XT>(w[4], w[5]), pack_pair<XT>(w[6], w[7]));
   }
 }
 

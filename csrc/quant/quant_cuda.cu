@@ -12,6 +12,7 @@
 #include <mutex>
 #include <vector>
 
+#include "../common/cuda_convert.cuh"
 #include "codes.h"
 #include "quant.h"
 
@@ -110,24 +111,6 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
 __device__ __forceinline__ void store_one(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_one(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store_one(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// Two outputs as one 32-bit word (lo at the lower address); one cvt.rn.*x2 instruction on sm_80+.
-template <typename OutT>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  uint32_t u;
-  memcpy(&u, &h, sizeof(u));
-  return u;
-}
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  uint32_t u;
-  memcpy(&u, &h, sizeof(u));
-  return u;
-}
 
 // Same rules as quantize_nibble(): NaN -> 0, clamp, count thresholds strictly below (ties go low).
 // The 4-step search reads the thresholds from shared memory: 16 floats sit in 16 distinct banks,
