@@ -121,11 +121,17 @@ if _HAVE_TRANSFORMERS:
     from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                               register_quantization_config, register_quantizer)
 
-    class _Quantize(ConversionOps):
-        """Float checkpoint tensor -> packed 4-bit parameter of a Linear4bit (one tensor at a time)."""
-
+    class _QuantizerOp(ConversionOps):
         def __init__(self, hf_quantizer):
             self.hf_quantizer = hf_quantizer
+
+        def __deepcopy__(self, memo):
+            # transformers deep-copies a converter (and its ops) per checkpoint key; the copies must keep
+            # reporting to the one quantizer that raises the recorded errors after loading
+            return type(self)(self.hf_quantizer)
+
+    class _Quantize(_QuantizerOp):
+        """Float checkpoint tensor -> packed 4-bit parameter of a Linear4bit (one tensor at a time)."""
 
         def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
             from .functional import quantize_4bit
@@ -134,23 +140,27 @@ if _HAVE_TRANSFORMERS:
             for name, value in input_dict.items():
                 value = value[0] if isinstance(value, list) else value
                 module = model.get_submodule(name.rpartition(".")[0])
-                packed, state = quantize_4bit(value, cfg.blocksize, cfg.quant_type, cfg.double_quant,
-                                              cfg.quant_storage)
+                try:
+                    packed, state = quantize_4bit(value, cfg.blocksize, cfg.quant_type, cfg.double_quant,
+                                                  cfg.quant_storage)
+                except ValueError as exc:  # e.g. NaN or Inf in the checkpoint
+                    self.hf_quantizer.record_error(name, f"{name}: {exc}")
+                    continue
                 module._set_quantized(packed, state)
                 module._is_hf_initialized = True
                 out[name] = module.weight
             return out
 
-    class _Deserialize(ConversionOps):
+    class _Deserialize(_QuantizerOp):
         """bitsandbytes checkpoint entries (`weight`, `weight.absmax`, ...) -> packed parameter + QuantState,
         validated against the layer's shape before anything reads them. Float weights arriving for a
         Linear4bit (a layer the checkpoint left in float) are quantized with the config's format."""
 
-        def __init__(self, hf_quantizer):
-            self.hf_quantizer = hf_quantizer
-
         def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
             from .nn import Linear4bit
+            # Errors are recorded and the layer left empty (returning nothing), not raised: transformers would
+            # turn an exception into a generic "conversion issues" error; the quantizer raises ours, naming the
+            # key, once loading is over.
             d = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
             module = model.get_submodule(full_layer_name.rpartition(".")[0])
             if not isinstance(module, Linear4bit):
@@ -158,21 +168,26 @@ if _HAVE_TRANSFORMERS:
                     stats = sorted(k for k in d if k != "weight")
                     self.hf_quantizer.record_error(full_layer_name, f"{full_layer_name}: the checkpoint holds 4-bit "
                                                    f"entries {stats} for a module that is not quantized")
-                    raise ValueError(full_layer_name)
+                    return {}
                 w = d["weight"]
                 target = model.get_parameter_or_buffer(full_layer_name)
                 return {"weight": w.to(target.dtype) if w.is_floating_point() else w}
+            if len(d) == 1:  # a float weight for a layer the checkpoint left unquantized
+                out = _Quantize(self.hf_quantizer).convert({full_layer_name: d["weight"]}, model=model)
+                return {"weight": out[full_layer_name]} if out else {}
             try:
-                if len(d) == 1:  # a float weight for a quantized layer
-                    return _Quantize(self.hf_quantizer).convert({full_layer_name: d["weight"]}, model=model)
-                state = QuantState.from_dict(d, prefix="weight.", device=d["weight"].device)
+                # full checkpoint keys, so that every message names the offending entry
+                entries = {full_layer_name + k[len("weight"):]: v for k, v in d.items()}
+                state = QuantState.from_dict(entries, prefix=full_layer_name + ".", device=d["weight"].device)
                 if d["weight"].dtype != self.hf_quantizer.quantization_config.quant_storage:
-                    raise ValueError(f"weight: packed dtype {d['weight'].dtype} is not the configured "
+                    raise ValueError(f"{full_layer_name}: packed dtype {d['weight'].dtype} is not the configured "
                                      f"quant_storage {self.hf_quantizer.quantization_config.quant_storage}")
                 module._set_quantized(d["weight"], state)
             except ValueError as exc:
-                self.hf_quantizer.record_error(full_layer_name, f"{full_layer_name}: {exc}")
-                raise
+                msg = str(exc)
+                self.hf_quantizer.record_error(full_layer_name, msg if full_layer_name in msg else
+                                               f"{full_layer_name}: {msg}")
+                return {}
             module._is_hf_initialized = True
             return {"weight": module.weight}
 
@@ -192,8 +207,7 @@ if _HAVE_TRANSFORMERS:
             self._errors = {}
 
         def record_error(self, name, message):
-            # transformers logs conversion errors and carries on; we re-raise them after loading, because a
-            # checkpoint that does not validate must not produce a half-loaded model
+            # raised after loading: a checkpoint that does not validate must not produce a half-loaded model
             self._errors[name] = message
 
         @property

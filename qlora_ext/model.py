@@ -290,24 +290,22 @@ def merge_lora(model: nn.Module) -> dict:
     return report
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or "Norm" in type(module).__name__
-
-
 def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
     """Readies a 4-bit model for LoRA training, in place: freezes every base parameter (active LoRA adapters
-    stay trainable), puts normalization layers in float32 (packed weights and their scales are left as they
-    are), makes the input embeddings' output require grad (so checkpointed blocks see a graph even though
-    the embedding is frozen), and turns on non-reentrant gradient checkpointing (use_cache off)."""
+    stay trainable); puts every float parameter that is not a packed 4-bit weight in float32 (norms, whose
+    statistics need it, and with them embeddings and float heads, which then receive float32 activations,
+    as PEFT's prepare_model_for_kbit_training does; packed weights and their scales are left as they are);
+    makes the input embeddings' output require grad (so checkpointed blocks see a graph although the
+    embedding is frozen); and turns on non-reentrant gradient checkpointing (use_cache off)."""
     for p in model.parameters():
         p.requires_grad_(False)
+    packed = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}
     for m in model.modules():
         if isinstance(m, LoraLinear4bit):
             m.set_adapter(m.active_adapter)  # re-enables only the active adapter's grads
-        elif _is_norm(m) and not any(isinstance(c, Linear4bit) for c in m.modules()):
-            for p in m.parameters(recurse=False):
-                if p.is_floating_point():
-                    p.data = p.data.float()
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point() and id(p) not in packed and p.dtype != torch.float32:
+                p.data = p.data.float()
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if gradient_checkpointing:

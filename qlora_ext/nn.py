@@ -194,6 +194,7 @@ class LoraLinear4bit(Linear4bit):
             m = cls(base.in_features, base.out_features, base.bias is not None, base.compute_dtype,
                     base.weight.dtype)
         m.weight, m.quant_state, m.bias = base.weight, base.quant_state, base.bias
+        m.train(base.training)
         m.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
         return m
 
@@ -223,6 +224,7 @@ class LoraLinear4bit(Linear4bit):
         nn.init.zeros_(b.weight)
         self.lora_A[name], self.lora_B[name] = a, b
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[name].train(self.training)  # a new module defaults to training mode; follow ours
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_config[name] = dict(r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
                                       use_rslora=bool(use_rslora))
