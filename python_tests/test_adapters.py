@@ -291,9 +291,9 @@ def test_corrupted_adapters_raise_errors_naming_the_key(tmp_path):
         (dict(raw_weights=raw[:-1000]), r"truncated file: '[\w.]+'"),
         (dict(raw_weights=raw[:4]), "truncated"),
     ]
+    model = _quantized()
+    before = _logits(model)
     for i, (corruption, match) in enumerate(cases):
-        model = _quantized()
-        before = _logits(model)
         with pytest.raises(ValueError, match=match):
             Q.load_adapter(model, _corrupt_copy(tmp_path, f"c{i}", **corruption))
         # nothing was applied: validation happens before the model is modified

@@ -80,9 +80,6 @@ class QLoRAConfig(QuantizationConfigMixin):
         self.quant_storage = _dtype(quant_storage, "quant_storage", tuple(_STORAGE.values()))
         self.skip_modules = None if skip_modules is None else list(skip_modules)
 
-    def __eq__(self, other):
-        return isinstance(other, QLoRAConfig) and self.to_dict() == other.to_dict()
-
     def to_dict(self) -> dict:
         return {"quant_method": QUANT_METHOD, "quant_type": self.quant_type, "blocksize": self.blocksize,
                 "double_quant": self.double_quant, "compute_dtype": _dtype_name(self.compute_dtype),

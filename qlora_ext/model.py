@@ -92,6 +92,7 @@ def quantize_model(model: nn.Module, config: Optional[QLoRAConfig] = None) -> nn
     if not isinstance(config, QLoRAConfig):
         raise TypeError(f"config must be a QLoRAConfig, got {type(config).__name__}")
     skip = config.skip_modules if config.skip_modules is not None else _default_skips(model)
+    skip = list(skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])  # as the quantizer does
     with torch.no_grad():
         _replace_linears(model, config, skip, quantize=True)
     if hasattr(model, "config"):
@@ -233,6 +234,7 @@ def export_merged(model: nn.Module, directory, dtype: torch.dtype = torch.bfloat
     lora = _lora_prefixes(model)
     layers = {n + ".weight": m for n, m in _four_bit_layers(model)}
     quant_entries = tuple(k + "." for k in layers)  # absmax, quant_map, ... of each 4-bit weight
+    converted = {}  # one converted copy per storage, so tied weights stay tied (and are saved once)
     for k, v in model.state_dict().items():
         if (lora and k.startswith(lora)) or (quant_entries and k.startswith(quant_entries)):
             continue
@@ -244,7 +246,10 @@ def export_merged(model: nn.Module, directory, dtype: torch.dtype = torch.bfloat
             sd[k] = w.to(dtype)
             del w
         else:
-            sd[k] = v.to(dtype) if v.is_floating_point() else v
+            key = (v.data_ptr(), v.dtype, tuple(v.shape))
+            if key not in converted:
+                converted[key] = v.to(dtype) if v.is_floating_point() else v
+            sd[k] = converted[key]
 
     def config_json():
         cfg = copy.deepcopy(model.config)
