@@ -78,7 +78,7 @@ def _measure(mode: str, path: str, qpath: str, dtype: str) -> dict:
         sum(p.numel() * p.element_size() for p in model.parameters()) + \
         sum(b.numel() * b.element_size() for b in model.buffers())
     return {"mode": mode, "peak_anon": peak[0] - base_anon, "peak_rss": peak_rss,
-            "final": final, "seconds": seconds}
+            "final": final, "quantized": rep["packed_weight_bytes"] + rep["scale_bytes"], "seconds": seconds}
 
 
 def _build(path: str, args) -> dict:
@@ -96,16 +96,18 @@ def _build(path: str, args) -> dict:
     model.save_pretrained(path)
     Q.quantize_model(model, Q.QLoRAConfig())
     Q.save_quantized(model, path + "-nf4")
-    largest = 0
+    largest = largest_linear = 0
     with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
         for k in f.keys():
-            sl = f.get_slice(k)
             n = 4
-            for s in sl.get_shape():
+            for s in f.get_slice(k).get_shape():
                 n *= s
             largest = max(largest, n)
+            if k.endswith("proj.weight"):
+                largest_linear = max(largest_linear, n)
     return {"params": sum(p.numel() for p in LlamaForCausalLM(cfg).parameters()),
-            "file": os.path.getsize(os.path.join(path, "model.safetensors")), "largest": largest}
+            "file": os.path.getsize(os.path.join(path, "model.safetensors")), "largest": largest,
+            "largest_linear": largest_linear}
 
 
 def main():
@@ -149,7 +151,7 @@ def main():
                              "malloc": label})
 
     lines = [
-        f"# Peak memory while loading (bench/bench_load.py)",
+        "# Peak memory while loading (bench/bench_load.py)",
         "",
         f"- date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{platform.platform()}; shared machine (other jobs running), memory figures are unaffected by load",
@@ -171,9 +173,19 @@ def main():
               "linear weight once (hence the mapped pages in its RSS) and keeps only its 4-bit form. glibc raises "
               "its mmap threshold whenever a large block is freed, after which freed layer-sized buffers stay in "
               "the heap: the fixed-threshold rows show the live memory."]
-    if args.dtype != "float32":
+    live = {r["mode"]: r for r in rows if r["malloc"] != "glibc default"}
+    if args.dtype == "float32":
+        # nothing is converted: the float model's anonymous peak is the loader's own overhead, and the nf4
+        # model's anonymous part is its 4-bit layers (its float embeddings stay mapped)
+        overhead = live["float"]["peak_anon"]
+        extra = live["nf4"]["peak_anon"] - overhead - live["nf4"]["quantized"]
+        lines += ["", f"nf4 live peak {live['nf4']['peak_anon'] / MiB:.1f} MiB = transformers' own loading overhead "
+                  f"{overhead / MiB:.1f} MiB (the float row) + the 4-bit layers {live['nf4']['quantized'] / MiB:.1f} "
+                  f"MiB + {extra / MiB:.1f} MiB in flight, against {info['largest_linear'] / MiB:.1f} MiB for the "
+                  f"largest float32 linear weight: peak = final 4-bit model + about one layer "
+                  f"({'met' if extra <= info['largest_linear'] else 'NOT met'})."]
+    else:
         # everything is a copy: peak - final is the loader's overhead plus what is in flight
-        live = {r["mode"]: r for r in rows if r["malloc"] != "glibc default"}
         overhead = live["float"]["peak_anon"] - live["float"]["final"]
         extra = live["nf4"]["peak_anon"] - live["nf4"]["final"] - overhead
         in_flight = info["largest"] * (1 + 2 / 4)  # one float32 tensor read and its 16-bit copy

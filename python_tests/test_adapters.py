@@ -12,7 +12,6 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 import qlora_ext as Q
@@ -298,3 +297,17 @@ def test_corrupted_adapters_raise_errors_naming_the_key(tmp_path):
             Q.load_adapter(model, _corrupt_copy(tmp_path, f"c{i}", **corruption))
         # nothing was applied: validation happens before the model is modified
         assert not _lora_names(model) and torch.equal(_logits(model), before)
+
+
+def test_lora_dropout_follows_the_model_mode():
+    model = Q.quantize_model(AutoModelForCausalLM.from_pretrained(FLOAT_DIR).eval())
+    Q.add_lora(model, r=4, lora_dropout=0.5)
+    _randomize_b(model)
+    assert torch.equal(_logits(model), _logits(model))  # eval: no dropout
+    model.train()
+    assert not torch.equal(_logits(model), _logits(model))
+    model.eval()
+    before = _logits(model)
+    Q.add_lora(model, r=2, lora_dropout=0.5, adapter_name="second")
+    Q.set_adapter(model, "default")
+    assert torch.equal(_logits(model), before)

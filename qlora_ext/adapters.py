@@ -65,14 +65,16 @@ def _resolve_targets(model: nn.Module, target_modules, exclude_modules=None) -> 
     else:
         if not (isinstance(target_modules, str) or (isinstance(target_modules, (list, tuple, set))
                                                     and all(isinstance(t, str) for t in target_modules))):
-            raise ValueError(f"target_modules must be 'all-linear', a regex or a list of names, got {target_modules!r}")
+            raise ValueError(f"target_modules must be 'all-linear', a regex or a list of names, "
+                             f"got {target_modules!r}")
         if not isinstance(target_modules, str):
             target_modules = sorted(target_modules)
         inside = tuple(n + "." for n, m in candidates.items() if isinstance(m, Linear4bit))
         others = [n for n in (n for n, _ in model.named_modules()) if n and n not in candidates
                   and not (inside and n.startswith(inside)) and _matches(n, target_modules, exclude_modules)]
         if others:
-            raise ValueError(f"target_modules {target_modules!r} matches modules that are not linear layers: {others[:5]}")
+            raise ValueError(f"target_modules {target_modules!r} matches modules that are not linear layers: "
+                             f"{others[:5]}")
         names = [n for n in candidates if _matches(n, target_modules, exclude_modules)]
         floats = [n for n in names if not isinstance(candidates[n], Linear4bit)]
         if floats:
@@ -141,7 +143,8 @@ def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
                 n = m.in_features * m.out_features
             total += n
             trainable += n if p.requires_grad else 0
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
+    print(f"trainable params: {trainable:,} || all params: {total:,} || "
+          f"trainable%: {100 * trainable / max(total, 1):.4f}")
     return trainable, total
 
 

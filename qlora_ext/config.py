@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 from ._ops import FLOAT_DTYPES, VALID_BLOCKSIZES_4BIT
-from .functional import QUANT_TYPES, QuantState
+from .functional import QUANT_TYPES, QuantState, quantize_4bit
 
 try:
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -131,7 +131,6 @@ if _HAVE_TRANSFORMERS:
         """Float checkpoint tensor -> packed 4-bit parameter of a Linear4bit (one tensor at a time)."""
 
         def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
-            from .functional import quantize_4bit
             cfg = self.hf_quantizer.quantization_config
             out = {}
             for name, value in input_dict.items():
@@ -210,6 +209,11 @@ if _HAVE_TRANSFORMERS:
         @property
         def quantized_element_size(self) -> float:
             return 0.5
+
+        def validate_environment(self, *args, **kwargs):
+            device_map = kwargs.get("device_map")
+            if isinstance(device_map, dict) and "disk" in device_map.values():
+                raise ValueError("qlora_ext 4-bit layers cannot be offloaded to disk (device_map has 'disk')")
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
             from .nn import Linear4bit

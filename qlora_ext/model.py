@@ -80,6 +80,7 @@ def _replace_linears(model: nn.Module, config: QLoRAConfig, skip, quantize: bool
             new = Linear4bit(old.in_features, old.out_features, old.bias is not None, config.compute_dtype,
                              config.quant_storage, device="meta", dtype=old.weight.dtype)
         new.requires_grad_(False)
+        new.train(old.training)  # a LoRA dropout added later must follow the model's train / eval mode
         parent._modules[child] = new
         del old  # the float weight is freed here, one layer at a time
     return names
@@ -206,7 +207,8 @@ def save_quantized(model: nn.Module, directory) -> None:
         raise ValueError("the model has no 4-bit layers (quantize it first)")
     formats = {(m.quant_state.quant_type, m.quant_state.nested, m.weight.dtype) for _, m in layers}
     if len(formats) != 1:
-        raise ValueError(f"one bitsandbytes config cannot describe layers of different formats {sorted(map(str, formats))}")
+        raise ValueError(f"one bitsandbytes config cannot describe layers of different formats "
+                         f"{sorted(map(str, formats))}")
     (quant_type, nested, storage), first = formats.pop(), layers[0][1]
     qconfig = QLoRAConfig(quant_type=quant_type, double_quant=nested, quant_storage=storage)
     compute = first.compute_dtype or first.quant_state.dtype
@@ -286,7 +288,7 @@ def merge_lora(model: nn.Module) -> dict:
                 report["layers"][name] = {"rel_error": float(err.norm() / tnorm),
                                           "max_abs_error": float(err.abs().max()),
                                           "delta_rel_norm": float(delta.norm() / w.norm().clamp_min(1e-30))}
-                new = Linear4bit.from_quantized(packed, state, m.bias, m.compute_dtype)
+                new = Linear4bit.from_quantized(packed, state, m.bias, m.compute_dtype).train(m.training)
             parent_name, _, child = name.rpartition(".")
             model.get_submodule(parent_name)._modules[child] = new
     errs = [v["rel_error"] for v in report["layers"].values()]

@@ -53,7 +53,7 @@ class Linear4bit(nn.Module):
         if w.is_meta:
             raise ValueError("cannot quantize a Linear whose weight is on the meta device (not loaded yet)")
         packed, state = quantize_4bit(w, blocksize, quant_type, double_quant, quant_storage)
-        return cls.from_quantized(packed, state, linear.bias, compute_dtype)
+        return cls.from_quantized(packed, state, linear.bias, compute_dtype).train(linear.training)
 
     @classmethod
     def from_quantized(cls, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None,
@@ -271,8 +271,8 @@ class LoraLinear4bit(Linear4bit):
 
     def to_linear4bit(self) -> Linear4bit:
         """The base layer alone (sharing the packed weight, state and bias), adapters dropped."""
-        m = Linear4bit.from_quantized(self.weight, self.quant_state, self.bias, self.compute_dtype)
-        return m
+        base = Linear4bit.from_quantized(self.weight, self.quant_state, self.bias, self.compute_dtype)
+        return base.train(self.training)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", adapters={self.adapters}, active={self.active_adapter!r}"
