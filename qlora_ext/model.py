@@ -316,10 +316,13 @@ def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = 
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
             raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable (a transformers "
                             f"PreTrainedModel is needed); pass gradient_checkpointing=False")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(getattr(model, "config", None), "use_cache", None):
             model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
     return model
