@@ -15,7 +15,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 IGNORE_INDEX = -100
-DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
+# "dataset/", not "data/": a data/ directory beside this data.py module would be a confusing name clash
+DATA_DIR = pathlib.Path(__file__).resolve().parent / "dataset"
 DEFAULT_TRAIN = DATA_DIR / "train.jsonl"
 DEFAULT_HELDOUT = DATA_DIR / "heldout.jsonl"
 EXTENSIONS = (".jsonl", ".json", ".csv")

@@ -1,4 +1,4 @@
-"""Regenerate the shipped instruction dataset qlora_ext/data/{train,heldout}.jsonl (deterministic; run from the
+"""Regenerate the shipped instruction dataset qlora_ext/dataset/{train,heldout}.jsonl (deterministic; run from the
 repo root: `python tools/gen_dataset.py`). Every answer is short and exactly checkable, so exact match of a
 greedy generation is a meaningful accuracy.
 
@@ -200,7 +200,7 @@ def generate(per_task: int, rng: random.Random, exclude: set):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out-dir", default="qlora_ext/data")
+    ap.add_argument("--out-dir", default="qlora_ext/dataset")
     ap.add_argument("--train-per-task", type=int, default=250)
     ap.add_argument("--heldout-per-task", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
