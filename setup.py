@@ -59,6 +59,8 @@ setup(
     version="0.1.0",
     description="QLoRA: NF4/FP4 4-bit quantization kernels (CPU and CUDA) and 4-bit LoRA fine-tuning for PyTorch",
     packages=find_packages(include=["qlora_ext", "qlora_ext.*"]),
+    package_data={"qlora_ext": ["dataset/*.jsonl"]},  # the shipped instruction dataset (train / held-out)
+    entry_points={"console_scripts": ["qlora-ext = qlora_ext.cli:main"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "safetensors"],
     extras_require={"test": ["pytest"]},
