@@ -15,6 +15,7 @@ import torch
 
 from cli_fixtures import make_tiny_model_dir
 from qlora_ext import checkpoint as ckpt_io
+from qlora_ext import lm
 from qlora_ext import train as T
 from qlora_ext.cli import main
 
@@ -136,7 +137,7 @@ def test_merge_exports_a_plain_float_checkpoint(tiny, trained, tmp_path, capsys)
     assert not any("lora" in n for n, _ in plain.named_parameters())
     tok = T.load_tokenizer(T.resolve_model(str(out)))
     ids = encode_prompt(Example([{"role": "user", "content": "Is it a word?\nrobin"}], "").messages, tok)
-    assert T.generate(plain, tok, [ids], 8, torch.device("cpu"))[0].strip() == "yes"
+    assert lm.generate(plain, tok, [ids], 8, torch.device("cpu"))[0].strip() == "yes"
     capsys.readouterr()
     one_line_error(capsys, main(["merge", "--model", tiny["model"], "--adapter", str(trained / "adapter"),
                                  "--output-dir", str(out)]), "already exists")
@@ -315,7 +316,7 @@ def test_token_loss_head_on_labelled_positions_equals_full_forward(tiny):
     from qlora_ext.data import IGNORE_INDEX
     spec = T.resolve_model(tiny["model"])
     model = T.load_for_training(spec, T.QuantSettings(), T.LoraSettings(r=4, dropout=0.0), torch.device("cpu"))
-    assert T._plain_head(model)
+    assert lm.plain_head(model)
     ids = torch.randint(3, 100, (3, 17))
     labels = ids.clone()
     labels[:, :9] = IGNORE_INDEX
@@ -323,9 +324,43 @@ def test_token_loss_head_on_labelled_positions_equals_full_forward(tiny):
     mask = torch.ones_like(ids)
     mask[2, 14:] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    fast, n = T.token_loss(model, batch)
+    fast, n = lm.token_loss(model, batch)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                             ignore_index=IGNORE_INDEX, reduction="sum")
     assert n == int((labels[:, 1:] != IGNORE_INDEX).sum())
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, vocab, chunk_elems, dtype", [(37, 101, 300, torch.float32), (5, 64, 1 << 24, torch.float32),
+                                                             (29, 77, 500, torch.bfloat16)])
+def test_chunked_head_cross_entropy_matches_float64(monkeypatch, rows, vocab, chunk_elems, dtype):
+    monkeypatch.setattr(lm, "HEAD_CHUNK_ELEMENTS", chunk_elems)   # several chunks, a partial last one
+    head = torch.nn.Linear(24, vocab, bias=False).to(dtype).requires_grad_(False)
+    h = torch.randn(rows, 24, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, vocab, (rows,))
+    loss = lm.head_cross_entropy(head, h, y)
+    (g,) = torch.autograd.grad(loss * 0.5, h)
+    h64 = h.detach().double().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(h64 @ head.weight.double().t(), y, reduction="sum")
+    (g64,) = torch.autograd.grad(ref * 0.5, h64)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(g.double(), g64, rtol=tol, atol=tol)
+    with torch.no_grad():   # no gradient wanted: nothing stored
+        assert torch.isclose(lm.head_cross_entropy(head, h, y), loss)
+
+
+def test_evaluate_single_pass_equals_separate_passes(tiny, trained, monkeypatch):
+    from qlora_ext.data import load_examples
+    spec = T.resolve_model(tiny["model"])
+    model = T.load_quantized_model(spec, T.QuantSettings(), torch.device("cpu"))
+    T._api("load_adapter")(model, str(trained / "adapter"))
+    tok = T.load_tokenizer(spec)
+    ex = load_examples(tiny["eval"]) + load_examples(tiny["train"])[:5]
+    one = lm.evaluate(model, tok, ex, torch.device("cpu"), batch_size=3)
+    monkeypatch.setattr(lm, "_crop_cache", lambda cache, keep: False)   # force generate() + teacher forcing
+    two = lm.evaluate(model, tok, ex, torch.device("cpu"), batch_size=3)
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    assert one["exact_match"] == two["exact_match"] == 1.0
+    assert [s["generated"] for s in one["samples"]] == [s["generated"] for s in two["samples"]]

