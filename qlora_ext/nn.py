@@ -1,0 +1,278 @@
+"""4-bit layers: Linear4bit (a frozen NF4/FP4 weight in the bitsandbytes layout, forward = matmul_4bit) and
+LoraLinear4bit (Linear4bit + named LoRA adapters, one active: y = W4 x + b + scaling * B(A(dropout(x)))).
+
+State dicts use exactly the bitsandbytes keys (`P.weight` packed, `P.weight.absmax`, ... see
+shared/spec/nf4-format.md); LoRA weights live under `P.lora_A.<adapter>.weight` / `P.lora_B.<adapter>.weight`,
+PEFT's in-memory layout, so PEFT's file format is the same keys with the adapter name dropped.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .functional import QuantState, dequantize_4bit, matmul_4bit, quantize_4bit
+
+__all__ = ["Linear4bit", "LoraLinear4bit"]
+
+
+def _packed_numel(out_features: int, in_features: int, storage: torch.dtype) -> int:
+    nbytes = (out_features * in_features + 1) // 2
+    if nbytes % storage.itemsize:
+        raise ValueError(f"{nbytes} packed bytes of a [{out_features}, {in_features}] weight cannot be viewed as "
+                         f"{storage}")
+    return nbytes // storage.itemsize
+
+
+class Linear4bit(nn.Module):
+    """A Linear layer whose weight is stored in 4 bits (frozen); the bias, if any, stays a float parameter.
+
+    `weight` is the packed parameter (shape [(N*K + 1) // 2 // itemsize, 1] of the storage dtype, never
+    trainable) and `quant_state` the QuantState that decodes it. Inputs are cast to `compute_dtype` (default:
+    the original weight dtype) and the output back to the input dtype, as bitsandbytes does.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=None,
+                 quant_storage: torch.dtype = torch.uint8, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.compute_dtype = compute_dtype
+        # placeholder until quantized weights are assigned (from_linear, load_state_dict or a loader)
+        self.weight = nn.Parameter(torch.empty(_packed_numel(out_features, in_features, quant_storage), 1,
+                                               dtype=quant_storage, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.quant_state: Optional[QuantState] = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    quant_storage: torch.dtype = torch.uint8, compute_dtype=None) -> "Linear4bit":
+        """Quantizes a float nn.Linear (on its device); the bias is kept as it is (shared, not copied)."""
+        w = linear.weight.detach()
+        if w.is_meta:
+            raise ValueError("cannot quantize a Linear whose weight is on the meta device (not loaded yet)")
+        packed, state = quantize_4bit(w, blocksize, quant_type, double_quant, quant_storage)
+        return cls.from_quantized(packed, state, linear.bias, compute_dtype).train(linear.training)
+
+    @classmethod
+    def from_quantized(cls, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None,
+                       compute_dtype=None) -> "Linear4bit":
+        """Wraps an already packed weight and its QuantState (e.g. read from a checkpoint)."""
+        if len(state.shape) != 2:
+            raise ValueError(f"a Linear4bit weight must be 2-D, got shape {list(state.shape)}")
+        out_features, in_features = state.shape
+        with torch.device("meta"):
+            m = cls(in_features, out_features, bias is not None, compute_dtype, packed.dtype)
+        m._set_quantized(packed, state)
+        if bias is not None:
+            m.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach())
+        return m
+
+    def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        """Assigns packed bytes + state after checking they describe this layer's [out, in] weight."""
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight of shape {list(state.shape)} does not fit a Linear4bit "
+                             f"[{self.out_features}, {self.in_features}]")
+        n = self.out_features * self.in_features
+        if packed.numel() * packed.element_size() != (n + 1) // 2:
+            raise ValueError(f"packed weight has {packed.numel() * packed.element_size()} bytes, a "
+                             f"[{self.out_features}, {self.in_features}] weight needs {(n + 1) // 2}")
+        self.weight = nn.Parameter(packed.detach().reshape(-1, 1), requires_grad=False)
+        self.quant_state = state.to(packed.device)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant_state is not None
+
+    def _check_ready(self):
+        if self.quant_state is None:
+            raise RuntimeError("this Linear4bit holds no quantized weight yet (build it with from_linear / "
+                               "from_quantized or load a state dict)")
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The float [out, in] weight the 4-bit codes represent (in `dtype`, default the original dtype)."""
+        self._check_ready()
+        if dtype is None:
+            return dequantize_4bit(self.weight, self.quant_state)
+        out = torch.empty(self.quant_state.shape, dtype=dtype, device=self.weight.device)
+        return dequantize_4bit(self.weight, self.quant_state, out=out)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_ready()
+        cd = self.compute_dtype or self.quant_state.dtype
+        bias = None if self.bias is None else self.bias.to(cd)
+        return matmul_4bit(x.to(cd), self.weight, self.quant_state, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._base_forward(x).to(x.dtype)
+
+    # ---- device moves and dtype casts ----
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(bfloat16) must never convert the packed bytes (a float quant_storage would be
+        # value-converted and destroyed) nor the float32 scales: run fn on a uint8 view of the packed weight,
+        # which only device moves affect, and let the QuantState follow the packed weight's device.
+        packed = self._parameters.get("weight")
+        self._parameters["weight"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = packed
+        if packed is not None:
+            moved = fn(packed.data.view(torch.uint8))
+            if moved is not packed.data.view(torch.uint8) or moved.device != packed.device:
+                self.weight = nn.Parameter(moved.view(packed.dtype), requires_grad=False)
+            if self.quant_state is not None and self.quant_state.absmax.device != self.weight.device:
+                self.quant_state = self.quant_state.to(self.weight.device)
+        return self
+
+    # ---- the bitsandbytes state-dict layout ----
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.quant_state is not None:
+            entries = self.quant_state.as_dict(prefix + "weight.")
+            # the code tables are one cached tensor shared by every layer; a checkpoint stores a copy per layer
+            # (safetensors and transformers' save refuse tensors that share memory)
+            for k in (prefix + "weight.quant_map", prefix + "weight.nested_quant_map"):
+                if k in entries:
+                    entries[k] = entries[k].clone()
+            destination.update(entries)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The packed weight's QuantState comes from the `weight.*` entries, validated (ValueError naming the key)
+        # before anything is assigned; the bias and children load the usual way.
+        key = prefix + "weight"
+        if key in state_dict:
+            entries = {k: v for k, v in state_dict.items() if k.startswith(key + ".")}
+            state = QuantState.from_dict(entries, prefix=key + ".", device=state_dict[key].device)
+            self._set_quantized(state_dict[key], state)
+        else:
+            missing_keys.append(key)
+        packed = self._parameters["weight"]
+        self._parameters["weight"] = None  # skipped by the generic loader
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            self._parameters["weight"] = packed
+        unexpected_keys[:] = [k for k in unexpected_keys if k != key and not k.startswith(key + ".")]
+
+    def extra_repr(self) -> str:
+        qs = self.quant_state
+        fmt = f", {qs.quant_type}, blocksize={qs.blocksize}, double_quant={qs.nested}" if qs is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                f"{fmt}, compute_dtype={self.compute_dtype}")
+
+
+class LoraLinear4bit(Linear4bit):
+    """Linear4bit plus LoRA adapters: y = W4 x + b + scaling * B(A(dropout(x))) for the active adapter.
+
+    Adapters are named; exactly one (or none) is active, and only the active one is trainable. A is
+    kaiming-uniform initialised (a = sqrt(5)), B zeros, so a fresh adapter leaves the output unchanged;
+    scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). LoRA weights are kept in `lora_dtype`
+    (default float32, as PEFT upcasts them) and the input is cast to it for the LoRA branch.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=None,
+                 quant_storage: torch.dtype = torch.uint8, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, compute_dtype, quant_storage, device, dtype)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: Dict[str, float] = {}
+        self.lora_config: Dict[str, dict] = {}
+        self.active_adapter: Optional[str] = None
+
+    @classmethod
+    def from_linear4bit(cls, base: Linear4bit, r: int = 64, lora_alpha: float = 16, lora_dropout: float = 0.05,
+                        use_rslora: bool = False, adapter_name: str = "default",
+                        lora_dtype: torch.dtype = torch.float32) -> "LoraLinear4bit":
+        """A LoraLinear4bit sharing `base`'s packed weight, QuantState and bias, with one new adapter."""
+        base._check_ready()
+        with torch.device("meta"):
+            m = cls(base.in_features, base.out_features, base.bias is not None, base.compute_dtype,
+                    base.weight.dtype)
+        m.weight, m.quant_state, m.bias = base.weight, base.quant_state, base.bias
+        m.train(base.training)
+        m.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
+        return m
+
+    @property
+    def adapters(self):
+        return list(self.lora_A.keys())
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
+                    lora_dtype: torch.dtype = torch.float32) -> None:
+        """Adds a freshly initialised adapter and makes it the active one."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if lora_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"lora_dtype must be a float dtype, got {lora_dtype}")
+        device = self.weight.device
+        a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=lora_dtype)
+        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=lora_dtype)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[name].train(self.training)  # a new module defaults to training mode; follow ours
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_config[name] = dict(r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
+                                      use_rslora=bool(use_rslora))
+        self.set_adapter(name)
+
+    def set_adapter(self, name: Optional[str]) -> None:
+        """Makes `name` the active (and only trainable) adapter; None runs the base layer alone."""
+        if name is not None and name not in self.lora_A:
+            raise KeyError(f"no adapter {name!r} on this layer (has {self.adapters})")
+        self.active_adapter = name
+        for n in self.lora_A:
+            self.lora_A[n].weight.requires_grad_(n == name)
+            self.lora_B[n].weight.requires_grad_(n == name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise KeyError(f"no adapter {name!r} on this layer (has {self.adapters})")
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        del self.scaling[name], self.lora_config[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def delta_weight(self, name: Optional[str] = None) -> torch.Tensor:
+        """scaling * B @ A of an adapter (default: the active one), float32 [out, in]."""
+        name = self.active_adapter if name is None else name
+        if name not in self.lora_A:
+            raise KeyError(f"no adapter {name!r} on this layer (has {self.adapters})")
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        return (b @ a) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._base_forward(x)
+        name = self.active_adapter
+        if name is None:
+            return y.to(x.dtype)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        xa = self.lora_dropout[name](x.to(a.dtype)) @ a.t()
+        # y + scaling * xa @ B^T as one GEMM accumulating into y (beta = 1): no separate [M, N] LoRA output,
+        # scaling pass and addition over the output.
+        out = torch.addmm(y.reshape(-1, self.out_features).to(a.dtype), xa.reshape(-1, xa.shape[-1]), b.t(),
+                          alpha=self.scaling[name])
+        return out.view(*y.shape[:-1], self.out_features).to(x.dtype)
+
+    def to_linear4bit(self) -> Linear4bit:
+        """The base layer alone (sharing the packed weight, state and bias), adapters dropped."""
+        base = Linear4bit.from_quantized(self.weight, self.quant_state, self.bias, self.compute_dtype)
+        return base.train(self.training)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", adapters={self.adapters}, active={self.active_adapter!r}"
