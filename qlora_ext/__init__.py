@@ -1,6 +1,6 @@
 """qlora_ext: QLoRA for PyTorch — NF4 / FP4 4-bit kernels on CPU and CUDA in the bitsandbytes format, 4-bit
 LoRA layers, and model-level quantize / load / train / save / merge for transformers models."""
-from . import functional, nn, reference
+from . import functional, nn, optim, reference
 from ._ops import cpu_isa, with_cuda
 from .adapters import add_lora, load_adapter, print_trainable_parameters, save_adapter, set_adapter
 from .config import QLoRAConfig
@@ -10,7 +10,7 @@ from .model import (export_merged, load_quantized, memory_report, merge_lora, pr
 from .nn import Linear4bit, LoraLinear4bit
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "reference", "QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit",
+__all__ = ["functional", "nn", "optim", "reference", "QuantState", "quantize_4bit", "dequantize_4bit", "matmul_4bit",
            "cpu_isa", "with_cuda", "QLoRAConfig", "Linear4bit", "LoraLinear4bit", "quantize_model",
            "load_quantized", "save_quantized", "prepare_model_for_training", "merge_lora", "export_merged",
            "memory_report", "add_lora", "set_adapter", "print_trainable_parameters", "save_adapter", "load_adapter"]

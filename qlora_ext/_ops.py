@@ -120,3 +120,29 @@ def _matmul_backward(ctx, grad):
 
 
 torch.library.register_autograd("qlora_ext::matmul_4bit", _matmul_backward, setup_context=_matmul_setup)
+
+
+# ---- optimizers (csrc/torch/optim_ops.cpp) ----
+OPTIM_BLOCK = 256  # elements per float32 absmax of 8-bit optimizer state
+
+
+@torch.library.register_fake("qlora_ext::optimizer_step")
+def _optimizer_step_fake(param, grad, state1, state2, absmax1, absmax2, optimizer, step, lr, beta1, beta2, eps,
+                         weight_decay):
+    torch._check(optimizer in ("adamw", "lion"), lambda: f"optimizer must be 'adamw' or 'lion', got {optimizer!r}")
+    torch._check(param.dtype in FLOAT_DTYPES, lambda: f"the parameter must be a float dtype, got {param.dtype}")
+    torch._check(grad.dtype == param.dtype and grad.shape == param.shape, lambda: "the gradient does not match")
+    torch._check(state1.dtype in (torch.float32, torch.uint8) and state1.numel() == param.numel(),
+                 lambda: "state1 does not match the parameter")
+    torch._check((absmax1 is not None) == (state1.dtype == torch.uint8), lambda: "absmax1 goes with 8-bit state")
+
+
+@torch.library.register_fake("qlora_ext::paged_empty")
+def _paged_empty_fake(nbytes, device):
+    torch._check(nbytes > 0, lambda: f"paged_empty needs a positive size, got {nbytes}")
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+@torch.library.register_fake("qlora_ext::paged_prefetch")
+def _paged_prefetch_fake(t, to_host):
+    return None

@@ -90,3 +90,46 @@ def dequantize_absmax_ref(q, nested_absmax, offset, nested_blocksize=256):
     code = get_code("dynamic_signed")
     a = code[q.long().cpu()] * nested_absmax.cpu().repeat_interleave(nested_blocksize)[:q.numel()]
     return a + offset.cpu().float()  # two roundings (multiply, then add), never a fused multiply-add
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizers (qlora_ext.optim): one update in float64, the math the fused kernels compute in float32.
+# Non-finite policy: elements whose gradient is NaN / Inf (AdamW: or whose new second moment would overflow
+# float32) keep their parameter and state.
+
+OPTIM_BLOCK = 256  # elements per absmax of 8-bit optimizer state
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def adamw_step_ref(p, g, m, v, step: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                   weight_decay: float = 1e-2):
+    """torch.optim.AdamW's update: returns the new (p, m, v) in float64."""
+    p, g, m, v = (t.detach().cpu().double() for t in (p, g, m, v))
+    b1, b2 = betas
+    m1 = b1 * m + (1 - b1) * g
+    v1 = b2 * v + (1 - b2) * g * g
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    p1 = p * (1 - lr * weight_decay) - (lr / bc1) * m1 / ((v1 / bc2).sqrt() + eps)
+    ok = torch.isfinite(g) & (v1 <= _F32_MAX)
+    return torch.where(ok, p1, p), torch.where(ok, m1, m), torch.where(ok, v1, v)
+
+
+def lion_step_ref(p, g, m, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.0):
+    """Lion (Chen et al. 2023): returns the new (p, m) in float64."""
+    p, g, m = (t.detach().cpu().double() for t in (p, g, m))
+    b1, b2 = betas
+    p1 = p * (1 - lr * weight_decay) - lr * torch.sign(b1 * m + (1 - b1) * g)
+    m1 = b2 * m + (1 - b2) * g
+    ok = torch.isfinite(g)
+    return torch.where(ok, p1, p), torch.where(ok, m1, m)
+
+
+def quantize_state_ref(x: torch.Tensor, signed: bool):
+    """8-bit optimizer state: (codes uint8 of x's shape, float32 absmax per 256 elements); the signed dynamic map
+    for the first moment, the unsigned one for the second, nearest rounding (ties to the lower code)."""
+    return quantize_8bit_ref(x.float(), get_code("dynamic_signed" if signed else "dynamic_unsigned"), OPTIM_BLOCK)
+
+
+def dequantize_state_ref(q: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """float32 values of 8-bit optimizer state: code[q] * absmax[block]."""
+    return dequantize_8bit_ref(q, absmax, get_code("dynamic_signed" if signed else "dynamic_unsigned"), OPTIM_BLOCK)

@@ -9,6 +9,7 @@ enum class Status : int {
   kNonFinite = 2,        // NaN or Inf in an input that must be finite (quantize)
   kUnsupported = 3,      // a dtype / quant type combination that has no kernel
   kCudaError = 4,        // a CUDA runtime error (launch failure, bad device pointer, ...)
+  kOutOfMemory = 5,      // a request larger than the free device memory (refused before allocating)
 };
 
 inline const char* status_string(Status s) {
@@ -18,6 +19,7 @@ inline const char* status_string(Status s) {
     case Status::kNonFinite: return "input contains NaN or Inf";
     case Status::kUnsupported: return "unsupported dtype or quant type";
     case Status::kCudaError: return "CUDA error";
+    case Status::kOutOfMemory: return "request exceeds the free device memory";
   }
   return "unknown status";
 }

@@ -185,6 +185,13 @@ TORCH_LIBRARY(qlora_ext, m) {
   m.def(
       "matmul_4bit_t(Tensor grad, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
       "float offset, int nested_blocksize, int blocksize, str quant_type, int[] shape) -> Tensor");
+  // Optimizers (optim_ops.cpp): one fused update in place; paged (CUDA managed) state memory.
+  m.def(
+      "optimizer_step(Tensor(a!) param, Tensor grad, Tensor(b!) state1, Tensor(c!)? state2, Tensor(d!)? absmax1, "
+      "Tensor(e!)? absmax2, str optimizer, int step, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay) -> ()");
+  m.def("paged_empty(int nbytes, Device device) -> Tensor");
+  m.def("paged_prefetch(Tensor t, bool to_host) -> ()");
   m.impl("code_table", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(code_table));
 }
 
