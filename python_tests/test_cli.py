@@ -47,7 +47,7 @@ def tiny(tmp_path_factory):
 def ft_args(tiny, out, *extra):
     return ["finetune", "--model", tiny["model"], "--data", tiny["train"], "--eval-data", tiny["eval"],
             "--output-dir", str(out), "--batch-size", "4", "--lora-r", "8", "--lr", "1e-2",
-            "--eval-batch-size", "4", "--optim", "adamw_torch", "--no-progress", *extra]
+            "--eval-batch-size", "4", "--no-progress", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,26 @@ def test_resume_refuses_different_settings_and_missing_checkpoints(tiny, trained
     one_line_error(capsys, main(ft_args(tiny, trained, "--max-steps", "12", "--resume", "--seed", "7")),
                    "settings differ")
     one_line_error(capsys, main(ft_args(tiny, tmp_path / "empty", "--resume")), "no checkpoint found")
+
+
+def test_resume_from_a_checkpoint_path_and_before_any_checkpoint(tiny, trained, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    # a checkpoint path alone names the run; a finished run only re-evaluates and re-saves its adapter
+    args = ft_args(tiny, run, "--max-steps", "12", "--resume", str(run / "checkpoints" / "step-000010"))
+    del args[args.index("--output-dir"):args.index("--output-dir") + 2]
+    assert main(args) == 0
+    steps = [r["step"] for r in T.MetricsLog.read(run / "metrics.jsonl") if "eval" not in r]
+    assert steps == list(range(1, 13))
+    # a run stopped before its first checkpoint (here: checkpoints removed) starts again from step 0
+    shutil.rmtree(run / "checkpoints")
+    shutil.rmtree(run / "adapter")
+    assert main(ft_args(tiny, run, "--max-steps", "12", "--resume")) == 0
+    recs = T.MetricsLog.read(run / "metrics.jsonl")
+    assert [r["step"] for r in recs if "eval" not in r] == list(range(1, 13))
+    assert [r["eval"] for r in recs if "eval" in r] == ["before", "after"]
+    assert "starting again" in capsys.readouterr().err
 
 
 def test_checkpoint_save_is_atomic(tmp_path):

@@ -326,10 +326,16 @@ class MetricsLog:
     def __init__(self, path: pathlib.Path, keep_until_step: Optional[int] = None):
         self.path = path
         if keep_until_step is not None and path.exists():
-            # resuming: drop what was logged after the checkpoint (those steps are about to be redone)
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step
-                    and json.loads(ln).get("eval") != "after"]
+            # resuming: drop what was logged after the checkpoint (those steps are about to be redone), and a
+            # line torn by a crash mid-write
+            keep = []
+            for ln in path.read_text().splitlines():
+                try:
+                    rec = json.loads(ln)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("step", 0) <= keep_until_step and rec.get("eval") != "after":
+                    keep.append(ln)
             ckpt_io.write_text_atomic(path, "".join(k + "\n" for k in keep))
         self.f = open(path, "a", encoding="utf-8")
 
@@ -420,16 +426,38 @@ def prepare_data(cfg: FinetuneConfig):
     return train, heldout
 
 
-def check_output_dir(out: pathlib.Path, resume) -> Optional[pathlib.Path]:
-    """Refuse to write into an existing non-empty output dir unless resuming; return the checkpoint to resume."""
-    if resume:
-        if resume is True or resume == "latest":
-            return ckpt_io.find(out)
-        return ckpt_io.find(resume)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SetupError(f"--output-dir {out} already exists and is not empty; pass --resume to continue "
-                         f"that run or choose another directory (nothing is ever overwritten)")
-    return None
+def resolve_output(cfg: FinetuneConfig, resume):
+    """(output dir, checkpoint to resume or None). Without --resume an existing non-empty output dir is refused;
+    with it, the run's saved settings must match the trajectory-defining ones given now. A run stopped before
+    its first checkpoint restarts from step 0."""
+    out = pathlib.Path(cfg.output_dir) if cfg.output_dir else None
+    if not resume:
+        out = out or pathlib.Path(time.strftime("qlora-runs/run-%Y%m%d-%H%M%S"))
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise SetupError(f"--output-dir {out} already exists and is not empty; pass --resume to continue "
+                             f"that run or choose another directory (nothing is ever overwritten)")
+        return out, None
+    named = resume not in (True, "latest")
+    if out is None and not named:
+        raise SetupError("--resume needs --output-dir (the run to continue) or a checkpoint path")
+    try:
+        ckpt = ckpt_io.find(resume if named else out)
+    except ckpt_io.CheckpointError:
+        if named or not (out / "run_config.json").is_file():
+            raise
+        ckpt = None   # stopped before its first checkpoint: nothing to keep, start again
+        _log(f"no checkpoint in {out} yet: starting again from step 0")
+    out = out or ckpt.parent.parent
+    if not (out / "run_config.json").is_file():
+        raise SetupError(f"--resume: {out} has no run_config.json (not a qlora-ext finetune output dir)")
+    saved = FinetuneConfig.from_dict(json.loads((out / "run_config.json").read_text()))
+    diff = [k for k in FinetuneConfig.TRAJECTORY_KEYS
+            if json.dumps(getattr(saved, k), default=vars, sort_keys=True)
+            != json.dumps(getattr(cfg, k), default=vars, sort_keys=True)]
+    if diff:
+        raise SetupError(f"--resume: settings differ from the run in {out} ({', '.join(diff)}); "
+                         f"resume with the same settings")
+    return out, ckpt
 
 
 def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
@@ -439,16 +467,7 @@ def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
     validate(cfg)
     device = resolve_device(cfg.device)
     spec = resolve_model(cfg.model)
-    out = pathlib.Path(cfg.output_dir or time.strftime("qlora-runs/run-%Y%m%d-%H%M%S"))
-    resume_from = check_output_dir(out, resume)
-    if resume_from is not None:
-        saved = FinetuneConfig.from_dict(json.loads((out / "run_config.json").read_text()))
-        diff = [k for k in FinetuneConfig.TRAJECTORY_KEYS
-                if json.dumps(getattr(saved, k), default=vars, sort_keys=True)
-                != json.dumps(getattr(cfg, k), default=vars, sort_keys=True)]
-        if diff:
-            raise SetupError(f"--resume: settings differ from the run in {out} ({', '.join(diff)}); "
-                             f"resume with the same settings")
+    out, resume_from = resolve_output(cfg, resume)
     train_ex, eval_ex = prepare_data(cfg)
     tokenizer = load_tokenizer(spec)
     feats = encode_all(train_ex, tokenizer, cfg.source_max_len, cfg.target_max_len, cfg.train_on_source)
@@ -458,7 +477,7 @@ def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
     out.mkdir(parents=True, exist_ok=True)
-    if resume_from is None:
+    if not resume:
         ckpt_io.write_text_atomic(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1))
     _log(f"qlora-ext finetune: {spec.label} on {device}, {len(train_ex)} train / {len(eval_ex)} eval examples, "
          f"{total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} sequences -> {out}")
@@ -479,7 +498,8 @@ def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
     if resume_from is not None:
         state.update(ckpt_io.load(resume_from, optimizer, scheduler))
         _log(f"resumed from {resume_from} at step {state['step']}")
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"] if resume_from else None)
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"] if resume_from else
+                         (-1 if resume else None))
     save_adapter = _api("save_adapter")
 
     def eval_now(tag):
