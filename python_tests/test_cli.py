@@ -293,6 +293,15 @@ def test_bad_arguments_fail_fast_with_one_line(tiny, tmp_path, capsys, no_model_
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_defaults_are_the_config_defaults():
+    from qlora_ext.cli import build_parser
+    a = build_parser().parse_args(["finetune"])
+    from qlora_ext.cli import _finetune_config
+    assert _finetune_config(a) == T.FinetuneConfig()
+    assert (a.lr, a.warmup_ratio, a.max_grad_norm, a.optim) == (2e-4, 0.03, 0.3, "paged_adamw_32bit")
+    assert a.gradient_checkpointing and a.group_by_length and (a.lora_r, a.lora_alpha) == (64, 16)
+
+
 def test_python_m_and_estimate_subprocess(tmp_path):
     # cwd outside the repository: `python -m` must import the installed package, not the source tree
     r = subprocess.run([sys.executable, "-m", "qlora_ext", "estimate", "--model", "65B"], capture_output=True,

@@ -175,7 +175,9 @@ def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.de
 class LoraSettings:
     r: int = 64
     alpha: float = 16.0
-    dropout: float = 0.05
+    # 0 by default: on CPU the dropout masks cost about 20% of a training step (measured on SmolLM2-135M), and
+    # the default run sees each example at most once, so there is nothing to regularize against
+    dropout: float = 0.0
     target_modules: object = "all-linear"
     use_rslora: bool = False
 
@@ -258,9 +260,11 @@ class FinetuneConfig:
     optim: str = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
     group_by_length: bool = True
-    batch_size: int = 16
+    # sized for the default run (SmolLM2-135M on the shipped data, a 2-core CPU, under 10 minutes): many small
+    # steps learn the answer formats faster than fewer large ones at the paper's learning rate
+    batch_size: int = 4
     grad_accum: int = 1
-    max_steps: int = 0          # > 0 wins over epochs
+    max_steps: int = 150        # > 0 wins over epochs
     epochs: float = 1.0
     source_max_len: int = 1024
     target_max_len: int = 256
