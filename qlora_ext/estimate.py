@@ -1,0 +1,219 @@
+"""Memory needed to fine-tune a decoder-only transformer under full 16-bit fine-tuning, LoRA (16-bit frozen
+base) and QLoRA (NF4 base, optionally double-quantized scales), from its shape alone, broken into weights,
+quantization scales, adapters, gradients, optimizer state and activations. Bytes are exact counts for the
+stated storage; activations are a first-order model of what backward keeps (documented in `activations`).
+
+Assumptions (the QLoRA paper's setting): 16-bit weights and gradients for full fine-tuning with 32-bit AdamW
+state (12 bytes per parameter in all); LoRA on every linear layer of the transformer blocks, adapters and
+their gradients in 16-bit, AdamW state in 32-bit; the embedding, the LM head and the norms stay 16-bit and
+frozen under (Q)LoRA; NF4 packs two weights per byte with one absmax per block (float32, or with double
+quantization uint8 codes plus one float32 per 256 of them and one float32 offset per tensor).
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Tuple
+
+GB = 1e9  # the paper quotes decimal gigabytes (65e9 parameters x 12 bytes = 780 GB)
+METHODS = ("full16", "lora", "qlora")
+COMPONENTS = ("weights", "scales", "adapters", "gradients", "optimizer", "activations")
+NESTED_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory depends on: a Llama-style decoder (attention with grouped KV heads + gated MLP)."""
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool = False
+    head_dim: int = 0  # 0: hidden // heads
+
+    @property
+    def kv_dim(self) -> int:
+        return (self.head_dim or self.hidden // self.heads) * self.kv_heads
+
+    @property
+    def q_dim(self) -> int:
+        return (self.head_dim or self.hidden // self.heads) * self.heads
+
+    def block_linears(self) -> List[Tuple[int, int]]:
+        """(in_features, out_features) of every linear layer of one transformer block."""
+        h, f = self.hidden, self.intermediate
+        return [(h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h),  # q k v o
+                (h, f), (h, f), (f, h)]                                                 # gate up down
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(i * o for i, o in self.block_linears())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def norm_params(self) -> int:
+        return (2 * self.layers + 1) * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.embedding_params + self.norm_params
+
+
+# LLaMA-1 shapes (Touvron et al. 2023, table 2; the "33B" is the released 32.5B model). Untied embeddings.
+NAMED = {
+    "7B": ModelShape("LLaMA-7B", 4096, 11008, 32, 32, 32, 32000),
+    "13B": ModelShape("LLaMA-13B", 5120, 13824, 40, 40, 40, 32000),
+    "33B": ModelShape("LLaMA-33B", 6656, 17920, 60, 52, 52, 32000),
+    "65B": ModelShape("LLaMA-65B", 8192, 22016, 80, 64, 64, 32000),
+}
+
+
+def shape_from_config(cfg: Dict, name: str = "config") -> ModelShape:
+    """A ModelShape from a transformers config dict (Llama / Mistral / Qwen / Gemma names, GPT-2 aliases)."""
+    def get(*keys, default=None):
+        for k in keys:
+            if cfg.get(k) is not None:
+                return cfg[k]
+        if default is not None:
+            return default
+        raise ValueError(f"{name}: config has none of {keys}; cannot estimate this architecture")
+
+    hidden = int(get("hidden_size", "n_embd", "d_model"))
+    heads = int(get("num_attention_heads", "n_head"))
+    shape = ModelShape(
+        name=str(cfg.get("_name_or_path") or cfg.get("model_type") or name),
+        hidden=hidden,
+        intermediate=int(get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
+        layers=int(get("num_hidden_layers", "n_layer", "num_layers")),
+        heads=heads,
+        kv_heads=int(get("num_key_value_heads", default=heads)),
+        vocab=int(get("vocab_size")),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        head_dim=int(cfg.get("head_dim") or 0),
+    )
+    for field in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
+        if getattr(shape, field) <= 0:
+            raise ValueError(f"{name}: {field} must be positive, got {getattr(shape, field)}")
+    return shape
+
+
+def resolve_shape(model: str) -> ModelShape:
+    """A named size (7B, 13B, 33B, 65B), a config.json path, or a model directory holding one."""
+    key = model.strip().upper()
+    if key in NAMED:
+        return NAMED[key]
+    path = pathlib.Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{model!r} is neither a named size ({', '.join(NAMED)}) nor a config.json / "
+                         f"model directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    cfg = cfg.get("text_config", cfg)  # multimodal configs nest the language model's
+    return shape_from_config(cfg, str(path))
+
+
+def nf4_bytes(n: int, blocksize: int = 64, double_quant: bool = True) -> Tuple[int, int]:
+    """(packed weight bytes, scale bytes) of one n-element tensor in NF4."""
+    blocks = math.ceil(n / blocksize)
+    if double_quant:
+        scales = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4
+    else:
+        scales = 4 * blocks
+    return math.ceil(n / 2), scales
+
+
+def bits_per_weight(blocksize: int = 64, double_quant: bool = True) -> float:
+    """Asymptotic storage per NF4 weight: 4 + 32/64 = 4.5 bits, or 4 + 8/64 + 32/(64*256) = 4.127 with DQ."""
+    if double_quant:
+        return 4 + 8 / blocksize + 32 / (blocksize * NESTED_BLOCK)
+    return 4 + 32 / blocksize
+
+
+def activations(shape: ModelShape, batch: int, seq_len: int, gradient_checkpointing: bool,
+                act_bytes: int = 2, lora_r: int = 0) -> int:
+    """Bytes backward keeps alive at its peak (first-order model, attention via SDPA / flash: no T x T
+    scores are stored).
+
+    Per token and block, backward needs: the two norm inputs and outputs (4h), q, k, v after rotary
+    (q + 2 kv), the attention output (q), the two MLP branch outputs, silu(gate) and their product (4f), and
+    each adapter's r-dim hidden (7r). With gradient checkpointing only each block's input (h) is kept and one
+    block is recomputed at a time. The loss adds float32 logits and their gradient (2 x 4 bytes x vocab)."""
+    per_block = 4 * shape.hidden + 2 * shape.q_dim + 2 * shape.kv_dim + 4 * shape.intermediate + 7 * lora_r
+    tokens = batch * seq_len
+    if gradient_checkpointing:
+        kept = shape.layers * shape.hidden + per_block
+    else:
+        kept = shape.layers * per_block
+    return tokens * kept * act_bytes + tokens * shape.vocab * 8
+
+
+def estimate(shape: ModelShape, method: str, lora_r: int = 64, batch: int = 1, seq_len: int = 512,
+             gradient_checkpointing: bool = True, blocksize: int = 64, double_quant: bool = True,
+             weight_bytes: int = 2, adapter_bytes: int = 2, optim_bytes_per_param: int = 8) -> Dict[str, int]:
+    """Bytes per component for one method ('full16', 'lora' or 'qlora'), plus 'total' and 'trainable'."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    for label, v in (("lora_r", lora_r), ("batch", batch), ("seq_len", seq_len)):
+        if v < 1:
+            raise ValueError(f"{label} must be >= 1, got {v}")
+    other = shape.embedding_params + shape.norm_params
+    out = dict.fromkeys(COMPONENTS, 0)
+    if method == "full16":
+        trainable = shape.params
+        out["weights"] = shape.params * weight_bytes
+        out["gradients"] = trainable * weight_bytes
+    else:
+        trainable = shape.layers * sum((i + o) * lora_r for i, o in shape.block_linears())
+        if method == "lora":
+            out["weights"] = shape.params * weight_bytes
+        else:
+            for i, o in shape.block_linears():
+                packed, scales = nf4_bytes(i * o, blocksize, double_quant)
+                out["weights"] += shape.layers * packed
+                out["scales"] += shape.layers * scales
+            out["weights"] += other * weight_bytes
+        out["adapters"] = trainable * adapter_bytes
+        out["gradients"] = trainable * adapter_bytes
+    out["optimizer"] = trainable * optim_bytes_per_param
+    out["activations"] = activations(shape, batch, seq_len, gradient_checkpointing,
+                                     lora_r=0 if method == "full16" else lora_r)
+    out["total"] = sum(out[c] for c in COMPONENTS)
+    out["trainable"] = trainable
+    return out
+
+
+def report(model: str, **kw) -> Dict:
+    """Everything `qlora-ext estimate` prints, as a dict (the --json output)."""
+    shape = resolve_shape(model)
+    return {"model": asdict(shape), "params": shape.params, "settings": kw,
+            "bytes": {m: estimate(shape, m, **kw) for m in METHODS}}
+
+
+def format_table(rep: Dict) -> str:
+    """A fixed-width table in GB (1e9 bytes), one column per method."""
+    m = rep["model"]
+    s = rep["settings"]
+    head = (f"{m['name']}: {rep['params'] / 1e9:.2f}B parameters ({m['layers']} layers, hidden {m['hidden']}, "
+            f"vocab {m['vocab']}); batch {s.get('batch', 1)} x {s.get('seq_len', 512)} tokens, LoRA r="
+            f"{s.get('lora_r', 64)}, gradient checkpointing {'on' if s.get('gradient_checkpointing', True) else 'off'}")
+    cols = ("full 16-bit", "LoRA 16-bit", "QLoRA NF4" + (" + DQ" if s.get("double_quant", True) else ""))
+    lines = [head, f"{'GB':<14}" + "".join(f"{c:>16}" for c in cols)]
+    for comp in COMPONENTS + ("total",):
+        lines.append(f"{comp:<14}" + "".join(f"{rep['bytes'][meth][comp] / GB:>16.2f}" for meth in METHODS))
+    lines.append(f"{'trainable':<14}" + "".join(f"{rep['bytes'][meth]['trainable'] / 1e6:>15.1f}M"
+                                               for meth in METHODS))
+    return "\n".join(lines)

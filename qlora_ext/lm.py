@@ -1,0 +1,248 @@
+"""Causal-LM computations shared by the trainer and the CLI: the answer-token loss (LM head applied to the
+labelled positions only, in vocabulary-sized chunks), batched generation, and evaluation (held-out loss,
+perplexity and exact match of greedy answers, computed from one forward pass over prompt + answer).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX, Example, collate, encode_all, encode_prompt, pad_id
+
+# Model types whose CausalLM is decoder -> lm_head with nothing in between (no logit scaling or soft-capping),
+# so the head may be applied to chosen positions only. Others run their full forward.
+PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3"}
+# Rows of [rows, vocab] float32 logits alive at once in the chunked head (about 64 MiB).
+HEAD_CHUNK_ELEMENTS = 1 << 24
+
+
+def plain_head(model) -> bool:
+    cfg = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (getattr(cfg, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and hasattr(model, "model")
+            and isinstance(head, torch.nn.Linear))
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, y_i) for a frozen head W, in chunks of rows: each chunk's logits, softmax and
+    gradient with respect to h are computed together and dropped, so no [tokens, vocab] tensor outlives a
+    chunk (the plain path keeps logits, log-softmax and their gradient, three of them). The gradient for h
+    is exact: (softmax(logits) - onehot(y)) @ W, stored for backward ([tokens, hidden], small)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels):
+        rows = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
+        need_grad = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(h) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], rows):
+            logits = F.linear(h[i:i + rows], weight, bias).float()
+            y = labels[i:i + rows]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if need_grad:
+                p = torch.exp(logits.sub_(lse[:, None]))          # softmax, in place of the logits
+                p[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                grad_h[i:i + rows] = p.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_h if need_grad else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None
+
+
+def head_cross_entropy(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies of head(h) against labels, float32; chunked when the head is frozen."""
+    frozen = not any(p.requires_grad for p in head.parameters())
+    if frozen and type(head) is torch.nn.Linear:
+        return _ChunkedHeadCrossEntropy.apply(h, head.weight, head.bias, labels)
+    return F.cross_entropy(head(h).float(), labels, reduction="sum")
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (each row's first real token is position 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_loss(model, batch: Dict[str, torch.Tensor]):
+    """(sum of next-token cross-entropies over the labelled positions, number of them), float32."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    if plain_head(model):
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).last_hidden_state[:, :-1]
+        return head_cross_entropy(model.get_output_embeddings(), hidden[mask], labels[mask]), int(mask.sum())
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits[:, :-1][mask]
+    return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), int(mask.sum())
+
+
+def _eos_ids(model, tokenizer) -> List[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen if isinstance(gen, (list, tuple)) else [gen])
+    ids.discard(None)
+    return sorted(int(i) for i in ids)
+
+
+def _left_pad(seqs: Sequence[List[int]], pad: int):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[row, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[List[int]], max_new_tokens, device, batch_size: int = 32,
+             temperature: float = 0.0) -> List[str]:
+    """Decoded continuations of token-id prompts (greedy unless temperature > 0) via transformers' generate,
+    batched with left padding. `max_new_tokens`: one int, or one per prompt."""
+    was_training = model.training
+    model.eval()
+    pad = pad_id(tokenizer)
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: List[Optional[str]] = [None] * len(prompts)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        ids, mask = _left_pad([prompts[i] for i in idx], pad)
+        kw = dict(do_sample=temperature > 0, max_new_tokens=max(limits[i] for i in idx), pad_token_id=pad,
+                  eos_token_id=_eos_ids(model, tokenizer) or None)
+        kw.update(temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
+            kw.update(temperature=None, top_p=None, top_k=None)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[row, ids.shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    return out
+
+
+def exact_match(generated: str, reference: str) -> bool:
+    """Equal after stripping surrounding whitespace (the answers are short, their format is part of them)."""
+    return generated.strip() == reference.strip()
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)   # (a Cache may define __len__: no truthiness tests)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _crop_cache(cache, keep: int) -> bool:
+    """Cut a KV cache back to its first `keep` positions; False when this cache type cannot."""
+    try:
+        cache.crop(keep - cache.get_seq_length())   # transformers >= 5: minus the number of tokens to drop
+    except (AttributeError, ValueError, RuntimeError, NotImplementedError, TypeError):
+        return False
+    return cache.get_seq_length() == keep
+
+
+@torch.no_grad()
+def _loss_and_greedy(model, prompts, targets, limits, eos: List[int], pad: int, device):
+    """For one batch: the summed answer-token loss, and greedy answers, from ONE forward over
+    [left pad | prompt | answer | right pad]: the answer positions give the teacher-forced loss, the last
+    prompt position gives the first greedy token, and the KV cache cut back to the prompts continues the
+    greedy decoding. Returns (loss sum, token count, generated ids per row) or None if the cache cannot be cut."""
+    n = len(prompts)
+    pids, pmask = _left_pad(prompts, pad)
+    width, tlen = pids.shape[1], max(len(t) for t in targets)
+    tids = torch.full((n, tlen), pad, dtype=torch.long)
+    tmask = torch.zeros((n, tlen), dtype=torch.long)
+    for row, t in enumerate(targets):
+        tids[row, :len(t)] = torch.tensor(t, dtype=torch.long)
+        tmask[row, :len(t)] = 1
+    ids = torch.cat([pids, tids], 1).to(device)
+    mask = torch.cat([pmask, tmask], 1).to(device)
+    out = model.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+    hidden, cache = out.last_hidden_state, _cache_of(out)
+    head = model.get_output_embeddings()
+    # position j predicts token j + 1: answer tokens sit at width .. width + tlen - 1
+    h = hidden[:, width - 1:width - 1 + tlen]
+    sel = tmask.bool().to(device)
+    loss = F.cross_entropy(head(h[sel]).float(), tids.to(device)[sel], reduction="sum")
+    if cache is None or not _crop_cache(cache, width):
+        return None
+    # transformers 5.2x renamed the decoder's `past_key_values` argument and output to `cache`
+    cache_kw = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+    eos_t = torch.tensor(eos, device=device) if eos else None
+    token = head(hidden[:, width - 1]).argmax(-1)
+    gen = [[] for _ in range(n)]
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    lens = pmask.sum(1).to(device)
+    limit = torch.tensor(limits, device=device)
+    cur_mask = pmask.to(device)
+    for step in range(max(limits)):
+        is_eos = torch.isin(token, eos_t) if eos_t is not None else torch.zeros_like(done)
+        for row in range(n):
+            if not done[row] and not is_eos[row]:
+                gen[row].append(int(token[row]))
+        done |= is_eos | (limit <= step + 1)
+        if bool(done.all()):
+            break
+        cur_mask = torch.cat([cur_mask, torch.ones((n, 1), dtype=cur_mask.dtype, device=device)], 1)
+        step_out = model.model(input_ids=token[:, None], attention_mask=cur_mask,
+                               position_ids=(lens + step)[:, None], use_cache=True, **{cache_kw: cache})
+        cache = _cache_of(step_out)
+        token = head(step_out.last_hidden_state[:, -1]).argmax(-1)
+    return float(loss), int(sel.sum()), gen
+
+
+def evaluate(model, tokenizer, examples: Sequence[Example], device, source_max_len: int = 1024,
+             target_max_len: int = 256, batch_size: int = 32, with_generation: bool = True) -> Dict:
+    """Held-out loss and perplexity over the answer tokens, and exact match of greedy answers (generation
+    stops after as many tokens as the reference answer has: a longer answer cannot match), overall and per
+    task (records with a 'task' field)."""
+    was_training = model.training
+    model.eval()
+    feats = encode_all(examples, tokenizer, source_max_len, target_max_len)
+    prompts = [encode_prompt(e.messages, tokenizer, source_max_len) for e in examples]
+    targets = [f["input_ids"][len(p):] for f, p in zip(feats, prompts)]
+    pad, eos = pad_id(tokenizer), _eos_ids(model, tokenizer)
+    order = sorted(range(len(examples)), key=lambda i: len(feats[i]["input_ids"]))
+    total, count = 0.0, 0
+    answers: List[Optional[str]] = [None] * len(examples)
+    shared = plain_head(model) and with_generation
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        res = _loss_and_greedy(model, [prompts[i] for i in idx], [targets[i] for i in idx],
+                               [len(targets[i]) for i in idx], eos, pad, device) if shared else None
+        if res is None:   # separate passes: teacher-forced loss, then transformers' generate
+            shared = False
+            batch = {n: t.to(device) for n, t in collate([feats[i] for i in idx], pad).items()}
+            with torch.no_grad():
+                s, c = token_loss(model, batch)
+            total, count = total + float(s), count + c
+            if with_generation:
+                texts = generate(model, tokenizer, [prompts[i] for i in idx], [len(targets[i]) for i in idx],
+                                 device, batch_size=len(idx))
+                for i, t in zip(idx, texts):
+                    answers[i] = t
+            continue
+        s, c, gen = res
+        total, count = total + s, count + c
+        for i, g in zip(idx, gen):
+            answers[i] = tokenizer.decode(g, skip_special_tokens=True)
+    model.train(was_training)
+    loss = total / max(count, 1)
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "examples": len(examples)}
+    if not with_generation:
+        return result
+    hits = [exact_match(a, e.response) for a, e in zip(answers, examples)]
+    result["exact_match"] = sum(hits) / len(hits)
+    tasks: Dict[str, List[bool]] = {}
+    for e, h in zip(examples, hits):
+        if "task" in e.meta:
+            tasks.setdefault(str(e.meta["task"]), []).append(h)
+    if tasks:
+        result["per_task"] = {t: sum(v) / len(v) for t, v in sorted(tasks.items())}
+    result["samples"] = [{"prompt": e.messages[-1]["content"], "reference": e.response, "generated": a}
+                         for e, a in list(zip(examples, answers))[:5]]
+    return result
