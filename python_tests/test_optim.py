@@ -373,7 +373,8 @@ def test_resume_is_bit_identical_in_a_fresh_process(device, tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(qlora_ext.__file__).parents[1]), env.get("PYTHONPATH", "")])
     subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(pathlib.Path(__file__).parent), str(tmp_path / "ckpts.pt"),
-                    str(tmp_path / "out.pt"), str(device)], check=True, env=env, timeout=300)
+                    str(tmp_path / "out.pt"), str(device)], check=True, env=env, timeout=300,
+                   cwd=tmp_path)  # not the repository root: `python -c` would import the uncompiled source tree
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     for cls in classes:
         params, opt = runs[cls.__name__]
