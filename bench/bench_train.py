@@ -52,14 +52,15 @@ def _status(field: str) -> int:
 
 
 def _ours(path, dtype, device, a):
-    import torch
-    import qlora_ext as Q
+    """What `qlora-ext finetune` runs: its loader, model preparation, optimizer and loss."""
+    from qlora_ext import train
     from qlora_ext.lm import token_loss
-    model = Q.load_quantized(path, Q.QLoRAConfig(compute_dtype=dtype), dtype=dtype).to(device)
-    model = Q.prepare_model_for_training(model, gradient_checkpointing=True)
-    model = Q.add_lora(model, r=a.r, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
+    spec = train.ModelSpec(path, None)
+    quant = train.QuantSettings(compute_dtype=a.dtype)
+    lora = train.LoraSettings(r=a.r, alpha=16, dropout=0.05)
+    model = train.load_for_training(spec, quant, lora, device, gradient_checkpointing=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = Q.optim.PagedAdamW(params, lr=2e-4)
+    opt = train.build_optimizer("paged_adamw_32bit", params, lr=2e-4)
 
     def step(batch):
         s, n = token_loss(model, batch)
@@ -67,7 +68,7 @@ def _ours(path, dtype, device, a):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(s) / n
-    return model, step, "qlora_ext.optim.PagedAdamW", sum(p.numel() for p in params)
+    return model, step, type(opt).__module__ + "." + type(opt).__name__, sum(p.numel() for p in params)
 
 
 def _peft(path, dtype, device, a):
@@ -153,7 +154,13 @@ def _build(path, a):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from qlora_ext.train import default_model_spec
         spec = default_model_spec()
-        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32, **spec.hf_kwargs())
+        gguf = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32, **spec.hf_kwargs())
+        # transformers refuses to save a model "quantized with gguf": copy the (dequantized) float weights
+        # into a plain model of the same config
+        cfg = gguf.config
+        del cfg.quantization_config
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.load_state_dict(gguf.state_dict())
         AutoTokenizer.from_pretrained(spec.path, **spec.hf_kwargs()).save_pretrained(path)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -171,7 +178,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", help="also write the markdown table to this file")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
@@ -184,6 +191,7 @@ def main():
         print(json.dumps(_build(a._build, a)))
         return
 
+    cuda = a.device.startswith("cuda")
     flags = ["--model", a.model, "--device", a.device, "--dtype", a.dtype, "--batch", str(a.batch), "--seq",
              str(a.seq), "--r", str(a.r), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
@@ -201,7 +209,6 @@ def main():
         ours, theirs = run("--_child", "ours", path), run("--_child", "peft", path)
 
     import torch
-    cuda = a.device.startswith("cuda")
     tokens = a.batch * a.seq
     dev = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU, " \
         f"{os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
@@ -245,6 +252,10 @@ def main():
         "Step times (s), ours: " + ", ".join(f"{t:.3f}" for t in ours["steps_s"]) + "; theirs: "
         + ", ".join(f"{t:.3f}" for t in theirs["steps_s"]),
     ]
+    if not cuda:
+        lines += ["", "Memory is each process's peak resident set (`ru_maxrss`, loading included) and its increase "
+                  "over the training steps (VmHWM reset before the first step); both sides run with glibc's default "
+                  "allocator. Timing on a shared machine: compare the per-step times below, not only the medians."]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

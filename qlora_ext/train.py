@@ -166,9 +166,22 @@ def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.de
         model = _api("quantize_model")(model.to(device), config)
     else:
         model = _api("load_quantized")(spec.path, config, dtype=dtype, **spec.hf_kwargs())
+        if device.type == "cpu":
+            _release_checkpoint_mapping(model)
         model = model.to(device)
     model.eval()
     return model
+
+
+@torch.no_grad()
+def _release_checkpoint_mapping(model):
+    """Float tensors loaded without a dtype change are views of the memory-mapped checkpoint, which keeps every
+    page of the file read while loading (all the float weights that were quantized) resident in this process.
+    Copying the few float tensors left (embeddings, norms) lets the mapping go: measured on SmolLM2-135M from a
+    float32 checkpoint, resident memory after loading 809 -> 512 MiB."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.clone()
 
 
 @dataclass
