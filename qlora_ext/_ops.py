@@ -146,3 +146,23 @@ def _paged_empty_fake(nbytes, device):
 @torch.library.register_fake("qlora_ext::paged_prefetch")
 def _paged_prefetch_fake(t, to_host):
     return None
+
+
+# ---- LoRA dropout (csrc/torch/lora_ops.cpp, CPU float32) ----
+@torch.library.register_fake("qlora_ext::lora_dropout")
+def _lora_dropout_fake(x, p, seed):
+    torch._check(x.dtype == torch.float32, lambda: f"lora_dropout takes float32 input, got {x.dtype}")
+    torch._check(0.0 <= p < 1.0, lambda: f"dropout probability must be in [0, 1), got {p}")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _lora_dropout_setup(ctx, inputs, output):
+    _, ctx.p, ctx.seed = inputs
+
+
+def _lora_dropout_backward(ctx, grad):
+    # d(x * keep * scale)/dx = keep * scale: the same op, same seed, applied to the gradient (no mask stored)
+    return ops.lora_dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
+
+
+torch.library.register_autograd("qlora_ext::lora_dropout", _lora_dropout_backward, setup_context=_lora_dropout_setup)

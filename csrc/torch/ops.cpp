@@ -192,6 +192,8 @@ TORCH_LIBRARY(qlora_ext, m) {
       "float weight_decay) -> ()");
   m.def("paged_empty(int nbytes, Device device) -> Tensor");
   m.def("paged_prefetch(Tensor t, bool to_host) -> ()");
+  // LoRA dropout (lora_ops.cpp, CPU only: CUDA uses torch's fused dropout): x * Philox keep mask / (1 - p).
+  m.def("lora_dropout(Tensor x, float p, int seed) -> Tensor");
   m.impl("code_table", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(code_table));
 }
 
