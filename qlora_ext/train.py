@@ -188,8 +188,8 @@ def _release_checkpoint_mapping(model):
 class LoraSettings:
     r: int = 64
     alpha: float = 16.0
-    # 0 by default: on CPU the dropout masks cost about 20% of a training step (measured on SmolLM2-135M), and
-    # the default run sees each example at most once, so there is nothing to regularize against
+    # 0 by default: the default run sees each example at most once, so there is nothing to regularize against
+    # (dropout itself is cheap on CPU since the Philox kernel: ~3% of a SmolLM2 step at 0.05)
     dropout: float = 0.0
     target_modules: object = "all-linear"
     use_rslora: bool = False
