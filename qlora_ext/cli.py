@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-before", default=True, action=argparse.BooleanOptionalAction,
                    help="evaluate the base model before training")
     g.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
+    g = ft.add_argument_group("distributed (start with torchrun --nproc-per-node N -m qlora_ext finetune ...)")
+    g.add_argument("--distributed", default=None, choices=("ddp", "fsdp"),
+                   help="ddp: model replicated, LoRA gradients all-reduced; fsdp: FSDP2, everything sharded. "
+                        "--batch-size is then the global micro-batch, split over the ranks")
 
     gen = sub.add_parser("generate", help="answer one prompt, or chat interactively, with base model + adapter")
     _add_model_args(gen)
@@ -159,13 +163,14 @@ def _finetune_config(a):
         source_max_len=a.source_max_len, target_max_len=a.target_max_len, train_on_source=a.train_on_source,
         seed=a.seed, device=a.device, save_steps=a.save_steps, save_total_limit=a.save_total_limit,
         eval_samples=a.eval_samples, eval_batch_size=a.eval_batch_size, eval_before=a.eval_before,
-        progress=a.progress)
+        progress=a.progress, distributed=a.distributed)
 
 
 def cmd_finetune(a) -> int:
     from . import train
     summary = train.finetune(_finetune_config(a), resume=a.resume)
-    print(train.format_summary(summary))
+    if summary is not None:  # None on the ranks > 0 of a distributed run: rank 0 reports
+        print(train.format_summary(summary))
     return 0
 
 

@@ -19,12 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .train import SetupError
+
 MODES = ("ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DCP_DIR = "dcp"  # inside a checkpoint: the sharded adapter + optimizer state
 
 
-class DistributedSetupError(ValueError):
+class DistributedSetupError(SetupError):
     """A distributed run that cannot start (no torchrun environment, a batch that does not split, ...)."""
 
 
@@ -69,6 +71,7 @@ def init(mode: str, device: str = "auto") -> Context:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another is still in a collective
         dist.destroy_process_group()
 
 
@@ -163,6 +166,11 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on one (a Ctrl-C seen by one rank checkpoints them all)."""
+    return all_reduce_sum(float(bool(flag)), device) > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
