@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--gradient-checkpointing", default=True, action=argparse.BooleanOptionalAction)
     es.add_argument("--double-quant", default=True, action=argparse.BooleanOptionalAction)
     es.add_argument("--blocksize", type=int, default=64)
+    es.add_argument("--world-size", type=int, default=1,
+                    help="also the memory per rank of a run on N ranks (--batch-size is then the global batch)")
+    es.add_argument("--strategy", default="fsdp", choices=("fsdp", "ddp"), help="with --world-size: what is sharded")
     es.add_argument("--json", action="store_true", help="print the breakdown as JSON (bytes)")
     return ap
 
@@ -139,10 +142,12 @@ def cmd_estimate(a) -> int:
     from . import estimate as E
     if a.blocksize < 1:
         return _fail(f"--blocksize must be >= 1, got {a.blocksize}")
+    if a.world_size < 1:
+        return _fail(f"--world-size must be >= 1, got {a.world_size}")
     try:
         rep = E.report(a.model, lora_r=a.lora_r, batch=a.batch_size, seq_len=a.seq_len,
                        gradient_checkpointing=a.gradient_checkpointing, blocksize=a.blocksize,
-                       double_quant=a.double_quant)
+                       double_quant=a.double_quant, world_size=a.world_size, strategy=a.strategy)
     except ValueError as exc:
         return _fail(str(exc))
     print(json.dumps(rep) if a.json else E.format_table(rep))

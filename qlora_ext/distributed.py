@@ -69,9 +69,12 @@ def init(mode: str, device: str = "auto") -> Context:
     return Context(mode, rank, world, dev)
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leaves the process group; after a clean run, only once every rank is done (none tears the group down
+    while another is still in a collective). After an error no barrier: the other ranks may never reach it."""
     if dist.is_initialized():
-        dist.barrier()  # no rank tears the group down while another is still in a collective
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -191,6 +194,18 @@ def gathered(wrapped: nn.Module):
     finally:
         for u in units:
             u.reshard()
+
+
+def full_state_dict(wrapped: nn.Module) -> Dict[str, torch.Tensor]:
+    """The inner model's whole state dict (packed 4-bit bytes with their QuantState entries, adapters, ...)
+    with every FSDP2 shard gathered, keyed as on a plain model, so it loads into one. Collective.
+
+    torch's get_model_state_dict cannot be used for this: it resolves every key as an attribute path, and the
+    bitsandbytes layout keys a weight's scales under the weight (`q_proj.weight.absmax`)."""
+    from torch.distributed.tensor import DTensor
+    prefix = "module.model." if hasattr(wrapped, "module") else "model."
+    return {k[len(prefix):]: v.full_tensor() if isinstance(v, DTensor) else v
+            for k, v in wrapped.state_dict().items()}
 
 
 def _trainable_state(wrapped: nn.Module) -> Dict[str, torch.Tensor]:

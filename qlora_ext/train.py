@@ -505,10 +505,14 @@ def finetune(cfg: FinetuneConfig, resume=None) -> Optional[Dict]:
     ctx = distributed.init(cfg.distributed, cfg.device)
     _LOG["enabled"] = ctx.is_main
     try:
-        return _finetune(cfg, resume, ctx)
+        summary = _finetune(cfg, resume, ctx)
+    except BaseException:
+        distributed.shutdown(clean=False)
+        raise
     finally:
         _LOG["enabled"] = True
-        distributed.shutdown()
+    distributed.shutdown()
+    return summary
 
 
 def _finetune(cfg: FinetuneConfig, resume, ctx) -> Optional[Dict]:
