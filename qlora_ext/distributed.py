@@ -139,11 +139,14 @@ def wrap(model: nn.Module, ctx: Context) -> Runner:
         # DDP broadcasts rank 0's parameters and buffers at construction: the adapters start identical even if
         # a rank's RNG drifted
         return DDP(runner, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     check_fsdp_storage(model)
+    # explicit: the default mesh follows the machine's accelerator, not the device this run chose
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(runner)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(runner, mesh=mesh)
     return runner
 
 
@@ -153,8 +156,8 @@ def inner(wrapped: nn.Module) -> nn.Module:
 
 
 def run(wrapped: nn.Module, fn: Callable, *args, **kwargs):
-    """fn(model, *args) through the wrapper's forward (under no_grad when fn does not train: DDP would
-    otherwise wait for a backward that never comes)."""
+    """fn(model, *args) through the wrapper's forward. Call it under torch.no_grad() when fn does not train
+    (under DDP a forward with grad enabled expects a backward)."""
     return wrapped(fn, *args, **kwargs)
 
 

@@ -25,7 +25,8 @@ METHODS = ("full16", "lora", "qlora")
 COMPONENTS = ("weights", "scales", "adapters", "gradients", "optimizer", "activations")
 NESTED_BLOCK = 256
 STRATEGIES = ("ddp", "fsdp")
-SHARDED = ("weights", "scales", "adapters", "gradients", "optimizer")  # what FSDP2 divides by the world size
+# what FSDP2 divides by the world size; the quantization scales (each weight's QuantState) are replicated
+SHARDED = ("weights", "adapters", "gradients", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -203,10 +204,11 @@ def estimate(shape: ModelShape, method: str, lora_r: int = 64, batch: int = 1, s
 
 def _layer_bytes(shape: ModelShape, method: str, lora_r: int, blocksize: int, double_quant: bool,
                  weight_bytes: int = 2, adapter_bytes: int = 2) -> int:
-    """Parameter bytes of one decoder layer (weights, scales, adapters): what FSDP2 gathers for it."""
+    """Parameter bytes of one decoder layer (weights, adapters, norms; not the replicated scales): what FSDP2
+    gathers for it."""
     n = 0
     for i, o in shape.block_linears():
-        n += sum(nf4_bytes(i * o, blocksize, double_quant)) if method == "qlora" else i * o * weight_bytes
+        n += nf4_bytes(i * o, blocksize, double_quant)[0] if method == "qlora" else i * o * weight_bytes
         if method != "full16":
             n += (i + o) * lora_r * adapter_bytes
     return n + 2 * shape.hidden * weight_bytes  # the two norms
@@ -219,8 +221,9 @@ def per_rank(shape: ModelShape, method: str, world_size: int, strategy: str = "f
 
     ddp: the whole model, its gradients and optimizer state on every rank; buffers = DDP's gradient buckets (a
       second copy of the trainable gradients, all-reduced from there).
-    fsdp (FSDP2, one unit per decoder layer, the rest in the root unit): weights, scales, adapters, gradients
-      and optimizer state divided by world_size; buffers = what is gathered at once: the root unit (embedding,
+    fsdp (FSDP2, one unit per decoder layer, the rest in the root unit): weights, adapters, gradients and
+      optimizer state divided by world_size, the scales replicated (qlora_ext keeps each QuantState whole on
+      every rank); buffers = what is gathered at once: the root unit (embedding,
       final norm, LM head; unsharded from the start of forward to the end of backward) and two decoder layers
       (the one computing and the one prefetched).
     """
