@@ -627,14 +627,14 @@ def _finetune(cfg: FinetuneConfig, resume, ctx) -> Optional[Dict]:
                 batches = [collate([feats[i] for i in idx], pad) for idx in window]
                 n_target = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
                 loss_sum = 0.0
-                for idx in window:
+                for idx, b in zip(window, batches):
                     weight = 1.0
-                    if ctx is not None:
+                    if ctx is not None:  # this rank's share of the global micro-batch
                         mine = distributed.rank_share(idx, ctx.rank, world)
                         # a rank left without a sequence (a short last batch) still joins the collectives
                         mine, weight = (mine, 1.0) if mine else (idx[:1], 0.0)
-                        idx = mine
-                    b = {k: v.to(device) for k, v in collate([feats[i] for i in idx], pad).items()}
+                        b = collate([feats[i] for i in mine], pad)
+                    b = {k: v.to(device) for k, v in b.items()}
                     s, _ = run(token_loss, b)
                     # token-weighted over the whole accumulation window (and the whole global batch) as if it
                     # were one batch; DDP and FSDP2 average gradients over the ranks, hence the world factor
