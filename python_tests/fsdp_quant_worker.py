@@ -1,7 +1,8 @@
 """One rank of test_distributed.py's FSDP2 check (run by torch.distributed.run): the 4-bit weights of the tiny
 model, stored as float32, are sharded by fully_shard; gathering them, the forward, a full state dict and a
-sharded DCP save -> load all give back the reference bytes and QuantStates. Fails by assertion; prints one
-"ok <check>" line per check on rank 0."""
+sharded DCP save -> load all give back the reference bytes and QuantStates; the fused optimizers update the
+local shards and save their state sharded like the parameters. Fails by assertion; prints one "ok <check>"
+line per check on rank 0."""
 import sys
 
 import torch
@@ -107,4 +108,35 @@ with torch.no_grad():
     logits = D.run(other_wrapped, lambda m, x: m(input_ids=x).logits, ids)
 assert torch.allclose(logits, ref_logits, rtol=0, atol=1e-6)
 say("sharded save and load")
+
+# the fused optimizers on DTensor parameters: local updates, state sharded like the parameters
+from qlora_ext.lm import token_loss  # noqa: E402
+from qlora_ext.optim import AdamW8bit, PagedAdamW  # noqa: E402
+
+params = [p for p in other_wrapped.parameters() if p.requires_grad]
+opt = PagedAdamW(params, lr=1e-2)
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+D.run(other_wrapped, token_loss, batch)[0].backward()
+before = [p.to_local().clone() for p in params]
+opt.step()
+assert all(not torch.equal(p.to_local(), b) for p, b in zip(params, before)), "local shards not updated"
+sd = opt.state_dict()
+for i, p in enumerate(params):
+    st = sd["state"][i]
+    assert isinstance(st["exp_avg"], DTensor) and st["exp_avg"].shape == p.shape
+    assert st["exp_avg"].placements == p.placements
+    assert torch.equal(st["exp_avg"].to_local(), opt.state[p]["exp_avg"])
+fresh_opt = PagedAdamW(params, lr=1e-2)
+fresh_opt.load_state_dict(sd)
+for p in params:
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(fresh_opt.state[p][k], opt.state[p][k])
+opt8 = AdamW8bit(params, lr=1e-2, min_8bit_size=1)
+opt8.step()
+try:
+    opt8.state_dict()
+    raise AssertionError("8-bit state of sharded parameters must be refused")
+except RuntimeError as exc:
+    assert "8-bit" in str(exc)
+say("optimizer")
 D.shutdown()

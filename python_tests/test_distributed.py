@@ -2,7 +2,8 @@
 OMP_NUM_THREADS=1) on the tiny-llama fixture. `qlora-ext finetune --distributed {ddp,fsdp}` matches the
 single-process run with the same global batch, step by step and in its final adapter; an FSDP2 run stopped at
 a checkpoint and resumed continues exactly as the uninterrupted one; the 4-bit weights and their QuantStates
-survive sharding, gathering and state-dict save / load (fsdp_quant_worker.py); bad use fails with one line;
+survive sharding, gathering and state-dict save / load, and the fused optimizers update and save DTensor
+shards (fsdp_quant_worker.py); bad use fails with one line;
 `estimate --world-size` gives the bytes per rank.
 
 Tolerance against the single-process run: 1e-5 relative on losses, 1e-5 absolute on adapter weights (of size
@@ -153,7 +154,7 @@ def test_fsdp_quant_state_survives_sharding_and_state_dicts(tmp_path):
     res = torchrun(str(REPO / "python_tests" / "fsdp_quant_worker.py"), str(TINY_FLOAT), str(tmp_path / "ckpt"),
                    cwd=tmp_path)
     assert [ln for ln in res.stdout.splitlines() if ln.startswith("ok ")] == [
-        "ok sharded", "ok gathered", "ok forward", "ok full state dict", "ok sharded save and load"]
+        "ok sharded", "ok gathered", "ok forward", "ok full state dict", "ok sharded save and load", "ok optimizer"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,17 +3,18 @@
 gathered like any parameter; each QuantState is small and replicated), with sharded checkpoints of adapters +
 optimizer through torch.distributed.checkpoint (DCP). Started by torchrun (RANK / WORLD_SIZE / ... in the env).
 
-The trainer sees three things: `init` (process group + this rank's device), `wrap` (the model behind one
-module whose forward runs any function of the inner model, so DDP's and FSDP2's hooks see every training and
-evaluation pass) and `save_checkpoint` / `load_checkpoint`.
+The trainer sees: `init` (process group + this rank's device), `wrap` (the model behind one module whose
+forward runs any function of the inner model, so DDP's and FSDP2's hooks see every training and evaluation
+pass), `rank_share` (its part of a global batch), `gathered` (whole weights, to write the PEFT adapter) and
+`save_state` / `load_state` (adapters + optimizer, sharded, through DCP; qlora_ext.checkpoint lays out the
+rest of a checkpoint).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import pathlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,6 @@ from .train import SetupError
 
 MODES = ("ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-DCP_DIR = "dcp"  # inside a checkpoint: the sharded adapter + optimizer state
 
 
 class DistributedSetupError(SetupError):
