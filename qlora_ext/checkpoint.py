@@ -8,6 +8,11 @@ Layout of OUTPUT/checkpoints/step-000120/:
   rng.safetensors + rng.json                        torch CPU/CUDA generator states / Python, NumPy states
   trainer_state.json                                step, data position, scheduler state, logged figures
 OUTPUT/checkpoints/latest names the newest complete one.
+
+Distributed runs (qlora_ext.distributed) write the same directory together: rank 0 the adapter (gathered),
+trainer_state.json and rng.*, rank r > 0 its rng.rank<r>.*, and every rank its shards of the adapter and
+optimizer state under optimizer/ (a torch.distributed.checkpoint directory, in place of optimizer.*; its
+.metadata file is torch's pickle, so resume only from checkpoints you wrote).
 """
 from __future__ import annotations
 
@@ -120,27 +125,49 @@ def restore_rng(tensors: Dict[str, torch.Tensor], meta: Dict):
 # save / load
 
 
+def _rng_name(rank: int) -> str:
+    return "rng" if rank == 0 else f"rng.rank{rank}"
+
+
+def _no_barrier():
+    pass
+
+
 def save(ckpt_root, step: int, save_adapter: Callable[[pathlib.Path], None], optimizer, scheduler,
-         trainer_state: Dict, keep: int = 2) -> pathlib.Path:
-    """Write checkpoint `step` under ckpt_root atomically, point `latest` at it, keep the newest `keep`."""
+         trainer_state: Dict, keep: int = 2, save_optimizer: Optional[Callable[[pathlib.Path], None]] = None,
+         rank: int = 0, barrier: Callable[[], None] = _no_barrier) -> pathlib.Path:
+    """Write checkpoint `step` under ckpt_root atomically, point `latest` at it, keep the newest `keep`.
+
+    Distributed runs call it on every rank with their rank, a barrier and save_optimizer (a collective that
+    writes the sharded optimizer state into the directory it is given); save_adapter is then called on every
+    rank too (gathering is collective), and only rank 0 publishes the checkpoint."""
     root = pathlib.Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
     save_adapter(tmp)
-    opt_tensors, opt_meta = optimizer_to_files(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    _write_json(tmp / "optimizer.json", opt_meta)
+    if save_optimizer is not None:
+        save_optimizer(tmp / "optimizer")
+    else:
+        opt_tensors, opt_meta = optimizer_to_files(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        _write_json(tmp / "optimizer.json", opt_meta)
     rng_tensors, rng_meta = rng_to_files()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    _write_json(tmp / "rng.json", rng_meta)
+    save_file(rng_tensors, str(tmp / f"{_rng_name(rank)}.safetensors"))
+    _write_json(tmp / f"{_rng_name(rank)}.json", rng_meta)
+    barrier()
+    if rank != 0:
+        barrier()  # until rank 0 has published it
+        return final
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     _write_json(tmp / "trainer_state.json", {**trainer_state, "step": step, "scheduler": sched})
-    for f in tmp.iterdir():  # the adapter files were written by another module: make them durable too
-        with open(f, "rb") as fh:
+    for f in (f for f in tmp.iterdir() if f.is_file()):  # adapter files come from another module: make them
+        with open(f, "rb") as fh:                           # durable too (DCP fsyncs its own)
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
     if final.exists():  # a checkpoint of the same step from a run that was resumed before it: replace
@@ -151,6 +178,7 @@ def save(ckpt_root, step: int, save_adapter: Callable[[pathlib.Path], None], opt
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -169,21 +197,32 @@ def find(path) -> pathlib.Path:
     raise CheckpointError(f"no checkpoint found in {p} (expected {p / 'checkpoints' / LATEST})")
 
 
-def load(ckpt: pathlib.Path, optimizer, scheduler) -> Dict:
+def load(ckpt: pathlib.Path, optimizer, scheduler,
+         load_optimizer: Optional[Callable[[pathlib.Path], None]] = None, rank: int = 0) -> Dict:
     """Restore optimizer, scheduler and RNG states from `ckpt`; returns its trainer_state (the adapter is
-    the caller's)."""
+    the caller's). Distributed runs pass load_optimizer (the collective reading what save_optimizer wrote) and
+    their rank (a rank the saving run did not have takes rank 0's RNG states)."""
+    distributed = load_optimizer is not None
+    if distributed != (ckpt / "optimizer").is_dir():
+        raise CheckpointError(f"{ckpt}: written by a {'distributed' if not distributed else 'single-process'} run; "
+                              f"resume it the same way")
+    rng = _rng_name(rank) if (ckpt / f"{_rng_name(rank)}.json").is_file() else _rng_name(0)
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        opt_meta = json.loads((ckpt / "optimizer.json").read_text())
-        rng_meta = json.loads((ckpt / "rng.json").read_text())
-        opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
-        rng_tensors = load_file(str(ckpt / "rng.safetensors"))
+        rng_meta = json.loads((ckpt / f"{rng}.json").read_text())
+        rng_tensors = load_file(str(ckpt / f"{rng}.safetensors"))
+        if not distributed:
+            opt_meta = json.loads((ckpt / "optimizer.json").read_text())
+            opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{ckpt}: unreadable checkpoint ({exc})") from None
     except Exception as exc:  # safetensors raises its own error type on truncated / corrupt files
         raise CheckpointError(f"{ckpt}: corrupt checkpoint tensors ({exc})") from None
     try:
-        optimizer.load_state_dict(optimizer_from_files(opt_tensors, opt_meta))
+        if distributed:
+            load_optimizer(ckpt / "optimizer")
+        else:
+            optimizer.load_state_dict(optimizer_from_files(opt_tensors, opt_meta))
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{ckpt}: optimizer state does not fit this model ({exc})") from None
     sched = dict(state["scheduler"])

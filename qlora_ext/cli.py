@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-before", default=True, action=argparse.BooleanOptionalAction,
                    help="evaluate the base model before training")
     g.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction)
+    g = ft.add_argument_group("distributed (start with torchrun --nproc-per-node N -m qlora_ext finetune ...)")
+    g.add_argument("--distributed", default=None, choices=("ddp", "fsdp"),
+                   help="ddp: model replicated, LoRA gradients all-reduced; fsdp: FSDP2, everything sharded. "
+                        "--batch-size is then the global micro-batch, split over the ranks")
 
     gen = sub.add_parser("generate", help="answer one prompt, or chat interactively, with base model + adapter")
     _add_model_args(gen)
@@ -124,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--gradient-checkpointing", default=True, action=argparse.BooleanOptionalAction)
     es.add_argument("--double-quant", default=True, action=argparse.BooleanOptionalAction)
     es.add_argument("--blocksize", type=int, default=64)
+    es.add_argument("--world-size", type=int, default=1,
+                    help="also the memory per rank of a run on N ranks (--batch-size is then the global batch)")
+    es.add_argument("--strategy", default="fsdp", choices=("fsdp", "ddp"), help="with --world-size: what is sharded")
     es.add_argument("--json", action="store_true", help="print the breakdown as JSON (bytes)")
     return ap
 
@@ -135,10 +142,12 @@ def cmd_estimate(a) -> int:
     from . import estimate as E
     if a.blocksize < 1:
         return _fail(f"--blocksize must be >= 1, got {a.blocksize}")
+    if a.world_size < 1:
+        return _fail(f"--world-size must be >= 1, got {a.world_size}")
     try:
         rep = E.report(a.model, lora_r=a.lora_r, batch=a.batch_size, seq_len=a.seq_len,
                        gradient_checkpointing=a.gradient_checkpointing, blocksize=a.blocksize,
-                       double_quant=a.double_quant)
+                       double_quant=a.double_quant, world_size=a.world_size, strategy=a.strategy)
     except ValueError as exc:
         return _fail(str(exc))
     print(json.dumps(rep) if a.json else E.format_table(rep))
@@ -159,13 +168,14 @@ def _finetune_config(a):
         source_max_len=a.source_max_len, target_max_len=a.target_max_len, train_on_source=a.train_on_source,
         seed=a.seed, device=a.device, save_steps=a.save_steps, save_total_limit=a.save_total_limit,
         eval_samples=a.eval_samples, eval_batch_size=a.eval_batch_size, eval_before=a.eval_before,
-        progress=a.progress)
+        progress=a.progress, distributed=a.distributed)
 
 
 def cmd_finetune(a) -> int:
     from . import train
     summary = train.finetune(_finetune_config(a), resume=a.resume)
-    print(train.format_summary(summary))
+    if summary is not None:  # None on the ranks > 0 of a distributed run: rank 0 reports
+        print(train.format_summary(summary))
     return 0
 
 

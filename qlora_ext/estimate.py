@@ -8,6 +8,9 @@ state (12 bytes per parameter in all); LoRA on every linear layer of the transfo
 their gradients in 16-bit, AdamW state in 32-bit; the embedding, the LM head and the norms stay 16-bit and
 frozen under (Q)LoRA; NF4 packs two weights per byte with one absmax per block (float32, or with double
 quantization uint8 codes plus one float32 per 256 of them and one float32 offset per tensor).
+
+`per_rank` gives the bytes on each rank of a data-parallel run (qlora_ext.distributed: DDP or FSDP2 with one
+unit per decoder layer), the global batch split over the ranks.
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ GB = 1e9  # the paper quotes decimal gigabytes (65e9 parameters x 12 bytes = 780
 METHODS = ("full16", "lora", "qlora")
 COMPONENTS = ("weights", "scales", "adapters", "gradients", "optimizer", "activations")
 NESTED_BLOCK = 256
+STRATEGIES = ("ddp", "fsdp")
+# what FSDP2 divides by the world size; the quantization scales (each weight's QuantState) are replicated
+SHARDED = ("weights", "adapters", "gradients", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -196,11 +202,64 @@ def estimate(shape: ModelShape, method: str, lora_r: int = 64, batch: int = 1, s
     return out
 
 
-def report(model: str, **kw) -> Dict:
-    """Everything `qlora-ext estimate` prints, as a dict (the --json output)."""
+def _layer_bytes(shape: ModelShape, method: str, lora_r: int, blocksize: int, double_quant: bool,
+                 weight_bytes: int = 2, adapter_bytes: int = 2) -> int:
+    """Parameter bytes of one decoder layer (weights, adapters, norms; not the replicated scales): what FSDP2
+    gathers for it."""
+    n = 0
+    for i, o in shape.block_linears():
+        n += nf4_bytes(i * o, blocksize, double_quant)[0] if method == "qlora" else i * o * weight_bytes
+        if method != "full16":
+            n += (i + o) * lora_r * adapter_bytes
+    return n + 2 * shape.hidden * weight_bytes  # the two norms
+
+
+def per_rank(shape: ModelShape, method: str, world_size: int, strategy: str = "fsdp", batch: int = 1,
+             **kw) -> Dict[str, int]:
+    """Bytes on each of `world_size` ranks training on a global batch of `batch` sequences (each rank runs
+    ceil(batch / world_size) of them), as `estimate` returns them plus 'buffers':
+
+    ddp: the whole model, its gradients and optimizer state on every rank; buffers = DDP's gradient buckets (a
+      second copy of the trainable gradients, all-reduced from there).
+    fsdp (FSDP2, one unit per decoder layer, the rest in the root unit): weights, adapters, gradients and
+      optimizer state divided by world_size, the scales replicated (qlora_ext keeps each QuantState whole on
+      every rank); buffers = what is gathered at once: the root unit (embedding,
+      final norm, LM head; unsharded from the start of forward to the end of backward) and two decoder layers
+      (the one computing and the one prefetched).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    out = estimate(shape, method, batch=-(-batch // world_size), **kw)
+    out["buffers"] = 0
+    if world_size > 1:
+        if strategy == "ddp":
+            out["buffers"] = out["gradients"]
+        else:
+            for c in SHARDED:
+                out[c] = -(-out[c] // world_size)
+            weight_bytes = kw.get("weight_bytes", 2)
+            root = (shape.embedding_params + shape.hidden) * weight_bytes
+            out["buffers"] = root + 2 * _layer_bytes(shape, method, kw.get("lora_r", 64), kw.get("blocksize", 64),
+                                                     kw.get("double_quant", True), weight_bytes,
+                                                     kw.get("adapter_bytes", 2))
+    out["total"] = sum(out[c] for c in COMPONENTS) + out["buffers"]
+    return out
+
+
+def report(model: str, world_size: int = 1, strategy: str = "fsdp", **kw) -> Dict:
+    """Everything `qlora-ext estimate` prints, as a dict (the --json output); with world_size > 1 also the
+    bytes per rank of a `strategy` run on world_size ranks (the batch being the global batch)."""
     shape = resolve_shape(model)
-    return {"model": asdict(shape), "params": shape.params, "settings": kw,
-            "bytes": {m: estimate(shape, m, **kw) for m in METHODS}}
+    rep = {"model": asdict(shape), "params": shape.params, "settings": kw,
+           "bytes": {m: estimate(shape, m, **kw) for m in METHODS}}
+    if world_size != 1:
+        rep["distributed"] = {"world_size": world_size, "strategy": strategy,
+                              "per_rank": {m: per_rank(shape, m, world_size, strategy, **kw) for m in METHODS}}
+    return rep
 
 
 def format_table(rep: Dict) -> str:
@@ -216,4 +275,10 @@ def format_table(rep: Dict) -> str:
         lines.append(f"{comp:<14}" + "".join(f"{rep['bytes'][meth][comp] / GB:>16.2f}" for meth in METHODS))
     lines.append(f"{'trainable':<14}" + "".join(f"{rep['bytes'][meth]['trainable'] / 1e6:>15.1f}M"
                                                for meth in METHODS))
+    d = rep.get("distributed")
+    if d:
+        w, b = d["world_size"], s.get("batch", 1)
+        lines.append(f"per rank, {w} ranks, {d['strategy']} (global batch {b}: {-(-b // w)} per rank)")
+        for comp in COMPONENTS + ("buffers", "total"):
+            lines.append(f"{comp:<14}" + "".join(f"{d['per_rank'][meth][comp] / GB:>16.2f}" for meth in METHODS))
     return "\n".join(lines)

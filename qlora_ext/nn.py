@@ -94,8 +94,28 @@ class Linear4bit(nn.Module):
         if packed.numel() * packed.element_size() != (n + 1) // 2:
             raise ValueError(f"packed weight has {packed.numel() * packed.element_size()} bytes, a "
                              f"[{self.out_features}, {self.in_features}] weight needs {(n + 1) // 2}")
-        self.weight = nn.Parameter(packed.detach().reshape(-1, 1), requires_grad=False)
+        if type(self.weight).__name__ == "DTensor":
+            self._load_sharded(packed)
+        else:
+            self.weight = nn.Parameter(packed.detach().reshape(-1, 1), requires_grad=False)
         self.quant_state = state.to(packed.device)
+
+    @torch.no_grad()
+    def _load_sharded(self, packed: torch.Tensor) -> None:
+        """Loads packed bytes into an FSDP2-sharded weight in place: FSDP owns that DTensor parameter and would
+        lose track of a replacement. `packed` is a DTensor (a sharded state dict) or the whole tensor (each
+        rank keeps its own shard of it)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+        w = self.weight
+        if packed.dtype != w.dtype:
+            if isinstance(packed, DTensor):
+                raise ValueError(f"packed weight stored as {packed.dtype} cannot be loaded into a sharded "
+                                 f"{w.dtype} quant_storage")
+            packed = packed.contiguous().view(torch.uint8).view(w.dtype)  # the same bytes
+        packed = packed.reshape(w.shape)
+        if not isinstance(packed, DTensor):
+            packed = distribute_tensor(packed.to(w.device), w.device_mesh, w.placements)
+        w.copy_(packed)
 
     @property
     def is_quantized(self) -> bool:

@@ -25,6 +25,11 @@ on overflow, use ``torch.amp.GradScaler``, which works with these optimizers.
 
 Resume is exact: the state_dict holds every bit of the state, and a fresh optimizer (in a fresh process) that
 loads it continues bit-identically to the uninterrupted run.
+
+FSDP2 (DTensor parameters): each rank updates its local shard with the same kernels and keeps state for that
+shard only; ``state_dict()`` returns the state as DTensors sharded like their parameters (what
+torch.distributed.checkpoint saves shard by shard) and ``load_state_dict`` takes them back. Blockwise 8-bit
+state is not shardable that way (its absmax blocks follow the local shard), so the 8-bit classes refuse it.
 """
 from __future__ import annotations
 
@@ -41,6 +46,15 @@ MIN_8BIT_SIZE = 4096
 _ALIGN = 64  # bytes: every state buffer in an arena starts on a cache line (and a 16-byte vector boundary)
 
 __all__ = ["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "Lion", "Lion8bit", "PagedLion", "PagedLion8bit"]
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t):
+    """The local shard of an FSDP2 DTensor parameter / gradient / state (the tensor itself otherwise)."""
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _zero_index(name: str) -> int:
@@ -79,7 +93,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     # ---- state layout and allocation ----
     def _layout(self, p: torch.Tensor):
-        """[(key, shape, dtype)] of the state of parameter p (besides 'step')."""
+        """[(key, shape, dtype)] of the state of parameter p (besides 'step'); of its local shard for a DTensor."""
+        p = _local(p)
         eight = self.optim_bits == 8 and p.numel() >= self.min_8bit_size
         out = []
         for name in self._moments:
@@ -108,7 +123,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         plans: Dict[tuple, list] = {}
         for p in params:
             for key, shape, dtype in self._layout(p):
-                plans.setdefault((p.device, dtype), []).append((p, key, shape))
+                plans.setdefault((_local(p).device, dtype), []).append((p, key, shape))
         for (device, dtype), plan in plans.items():
             size = torch.empty((), dtype=dtype).element_size()
             align = _ALIGN // size
@@ -172,19 +187,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 return
 
     # ---- the step ----
-    def _check_param(self, p: torch.Tensor) -> None:
+    def _check_param(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         name = type(self).__name__
-        if p.grad.is_sparse:
+        if grad.is_sparse:
             raise RuntimeError(f"{name} does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
                                "use torch.optim.SparseAdam")
-        if p.is_complex() or p.grad.is_complex():
+        if p.is_complex() or grad.is_complex():
             raise RuntimeError(f"{name} does not support complex parameters or gradients (shape {tuple(p.shape)}); "
                                "optimize torch.view_as_real(param) instead")
         if p.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} updates float32, float16 or bfloat16 parameters, got {p.dtype} "
                             f"(shape {tuple(p.shape)})")
-        if p.grad.dtype != p.dtype:
-            raise TypeError(f"{name}: the gradient is {p.grad.dtype} but the parameter is {p.dtype}")
+        if grad.dtype != p.dtype:
+            raise TypeError(f"{name}: the gradient is {grad.dtype} but the parameter is {p.dtype}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -197,7 +212,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._check_param(p)
+                    self._check_param(_local(p), _local(p.grad))
                     todo.append((group, p))
         fresh = [p for _, p in todo if not self.state[p]]
         if fresh:
@@ -207,7 +222,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             st = self.state[p]
             st["step"] += 1
             beta1, beta2 = group["betas"]
-            ops.optimizer_step(p, p.grad, st["exp_avg"], st.get("exp_avg_sq"), st.get("exp_avg_absmax"),
+            ops.optimizer_step(_local(p), _local(p.grad), st["exp_avg"], st.get("exp_avg_sq"), st.get("exp_avg_absmax"),
                                st.get("exp_avg_sq_absmax"), self._kind, int(st["step"].item()), float(group["lr"]),
                                float(beta1), float(beta2), float(group.get("eps", 0.0)),
                                float(group["weight_decay"]))
@@ -215,6 +230,24 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     # ---- exact state_dict round trips ----
+    def state_dict(self) -> dict:
+        """torch's state_dict; the state of a DTensor parameter as DTensors sharded like it (see the header)."""
+        sd = super().state_dict()
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for idx, st in sd["state"].items():
+            p = params[idx]
+            if _is_dtensor(p):  # new dicts: the originals are this optimizer's live state
+                sd["state"][idx] = {k: v if k == "step" else self._as_dtensor(p, k, v) for k, v in st.items()}
+        return sd
+
+    def _as_dtensor(self, p, key: str, value: torch.Tensor):
+        from torch.distributed.tensor import DTensor
+        if value.dtype == torch.uint8 or key.endswith("_absmax"):
+            raise RuntimeError(f"{type(self).__name__}: blockwise 8-bit state of a sharded (DTensor) parameter "
+                               f"cannot be saved as a sharded state_dict; use a 32-bit optimizer with FSDP")
+        return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state_dict of this optimizer class (or torch.optim.AdamW's, into the 32-bit AdamW classes).
 
@@ -223,6 +256,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         torch.optim.Optimizer, 8-bit codes and float32 state are never cast to the parameter's dtype.
         """
         name = type(self).__name__
+        state_dict = {**state_dict, "state": {k: ({kk: _local(vv) for kk, vv in v.items()} if isinstance(v, dict)
+                                                  else v) for k, v in state_dict["state"].items()}}
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
                 len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)):

@@ -152,13 +152,15 @@ class QuantSettings:
     compute_dtype: str = "auto"
 
 
-def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.device):
-    """The base model with every linear layer but the LM head in 4-bit, on `device`, in eval mode."""
+def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.device,
+                         quant_storage: torch.dtype = torch.uint8):
+    """The base model with every linear layer but the LM head in 4-bit, on `device`, in eval mode; the packed
+    bytes are viewed as `quant_storage` (a float dtype for FSDP2)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     dtype = resolve_dtype(quant.compute_dtype, device)
     config = _api("QLoRAConfig")(quant_type=quant.quant_type, blocksize=quant.blocksize,
-                                 double_quant=quant.double_quant, compute_dtype=dtype)
+                                 double_quant=quant.double_quant, compute_dtype=dtype, quant_storage=quant_storage)
     hf_logging.disable_progress_bar()  # our own progress output is enough
     if spec.gguf_file:
         # GGUF tensors are dequantized to float by transformers, then quantized to NF4 layer by layer.
@@ -196,10 +198,11 @@ class LoraSettings:
 
 
 def load_for_training(spec: ModelSpec, quant: QuantSettings, lora: LoraSettings, device: torch.device,
-                      gradient_checkpointing: bool = True, resume_adapter: Optional[pathlib.Path] = None):
+                      gradient_checkpointing: bool = True, resume_adapter: Optional[pathlib.Path] = None,
+                      quant_storage: torch.dtype = torch.uint8):
     """Model preparation in one call: 4-bit frozen base, checkpointing-ready, plus the LoRA adapter (fresh, or
     the one saved in `resume_adapter`, which then carries the same LoRA settings)."""
-    model = load_quantized_model(spec, quant, device)
+    model = load_quantized_model(spec, quant, device, quant_storage)
     model = _api("prepare_model_for_training")(model, gradient_checkpointing=gradient_checkpointing)
     if resume_adapter is not None:
         return _api("load_adapter")(model, str(resume_adapter), adapter_name="default")
@@ -291,10 +294,12 @@ class FinetuneConfig:
     eval_batch_size: int = 32
     eval_before: bool = True
     progress: bool = True
+    distributed: Optional[str] = None   # "ddp" / "fsdp" under torchrun; batch_size is then the global batch
 
     TRAJECTORY_KEYS = ("model", "data", "quant", "lora", "lr", "warmup_ratio", "max_grad_norm", "weight_decay",
                        "optim", "gradient_checkpointing", "group_by_length", "batch_size", "grad_accum",
-                       "max_steps", "epochs", "source_max_len", "target_max_len", "train_on_source", "seed")
+                       "max_steps", "epochs", "source_max_len", "target_max_len", "train_on_source", "seed",
+                       "distributed")
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -335,6 +340,11 @@ def validate(cfg: FinetuneConfig):
         raise SetupError(f"--blocksize must be a power of two in 32..4096, got {cfg.quant.blocksize}")
     if cfg.quant.compute_dtype != "auto" and cfg.quant.compute_dtype not in DTYPES:
         raise SetupError(f"--compute-dtype must be auto or one of {', '.join(DTYPES)}")
+    if cfg.distributed not in (None, "ddp", "fsdp"):
+        raise SetupError(f"--distributed must be ddp or fsdp, got {cfg.distributed!r}")
+    if cfg.distributed == "fsdp" and cfg.optim in ("paged_adamw_8bit", "adamw_8bit"):
+        raise SetupError(f"--optim {cfg.optim} cannot be used with --distributed fsdp (blockwise 8-bit state "
+                         f"does not shard with its parameters); use paged_adamw_32bit or adamw_torch")
 
 
 class MetricsLog:
@@ -423,8 +433,12 @@ class Interrupted(Exception):
         self.step, self.path = step, path
 
 
+_LOG = {"enabled": True}  # off on ranks > 0 of a distributed run: rank 0 alone reports
+
+
 def _log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
+    if _LOG["enabled"]:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def prepare_data(cfg: FinetuneConfig):
@@ -477,14 +491,42 @@ def resolve_output(cfg: FinetuneConfig, resume):
     return out, ckpt
 
 
-def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
-    """Run (or resume) a fine-tuning job; returns the summary also written to OUTPUT/summary.json.
-    Raises Interrupted after checkpointing on SIGINT."""
-    t_start = time.time()
+def finetune(cfg: FinetuneConfig, resume=None) -> Optional[Dict]:
+    """Run (or resume) a fine-tuning job; returns the summary also written to OUTPUT/summary.json (None on the
+    ranks > 0 of a distributed run). Raises Interrupted after checkpointing on SIGINT.
+
+    With cfg.distributed ("ddp" / "fsdp", under torchrun) every rank runs this: batch_size is the global
+    micro-batch, split over the ranks (qlora_ext.distributed.rank_share), and the loss is weighted by the whole
+    global batch's target tokens, so the update is the single-process one; rank 0 alone logs and writes."""
     validate(cfg)
-    device = resolve_device(cfg.device)
+    if not cfg.distributed:
+        return _finetune(cfg, resume, None)
+    from . import distributed
+    ctx = distributed.init(cfg.distributed, cfg.device)
+    _LOG["enabled"] = ctx.is_main
+    try:
+        summary = _finetune(cfg, resume, ctx)
+    except BaseException:
+        distributed.shutdown(clean=False)
+        raise
+    finally:
+        _LOG["enabled"] = True
+    distributed.shutdown()
+    return summary
+
+
+def _finetune(cfg: FinetuneConfig, resume, ctx) -> Optional[Dict]:
+    t_start = time.time()
+    main = ctx is None or ctx.is_main
+    world = 1 if ctx is None else ctx.world_size
+    device = resolve_device(cfg.device) if ctx is None else ctx.device
     spec = resolve_model(cfg.model)
     out, resume_from = resolve_output(cfg, resume)
+    if ctx is not None:
+        import torch.distributed as dist
+        from . import distributed
+        barrier = dist.barrier
+        barrier()  # every rank has checked the output dir before rank 0 writes into it
     train_ex, eval_ex = prepare_data(cfg)
     tokenizer = load_tokenizer(spec)
     feats = encode_all(train_ex, tokenizer, cfg.source_max_len, cfg.target_max_len, cfg.train_on_source)
@@ -493,19 +535,35 @@ def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(plan) / cfg.grad_accum)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        ckpt_io.write_text_atomic(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1))
-    _log(f"qlora-ext finetune: {spec.label} on {device}, {len(train_ex)} train / {len(eval_ex)} eval examples, "
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            ckpt_io.write_text_atomic(out / "run_config.json", json.dumps(cfg.to_dict(), indent=1))
+    where = str(device) if ctx is None else f"{world} x {device.type} ({cfg.distributed})"
+    _log(f"qlora-ext finetune: {spec.label} on {where}, {len(train_ex)} train / {len(eval_ex)} eval examples, "
          f"{total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} sequences -> {out}")
 
     torch.manual_seed(cfg.seed)
     t_load = time.time()
-    model = load_for_training(spec, cfg.quant, cfg.lora, device, cfg.gradient_checkpointing, resume_from)
-    params = [p for _, p in model.named_parameters() if p.requires_grad]
-    if not params:
+    # FSDP2 gathers a decoder layer's parameters in one float32 buffer: the packed bytes are viewed as float32
+    storage = torch.float32 if cfg.distributed == "fsdp" else torch.uint8
+    model = load_for_training(spec, cfg.quant, cfg.lora, device, cfg.gradient_checkpointing, resume_from,
+                              storage)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not n_trainable:
         raise SetupError("no trainable parameters after add_lora (do --target-modules match any layer?)")
-    n_trainable = sum(p.numel() for p in params)
+    if ctx is None:
+        wrapped = None
+
+        def run(fn, *args):
+            return fn(model, *args)
+    else:
+        wrapped = distributed.wrap(model, ctx)
+
+        def run(fn, *args):
+            return distributed.run(wrapped, fn, *args)
+    # after wrapping: FSDP2 replaced the parameters by sharded DTensors
+    params = [p for p in (wrapped or model).parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay)
     scheduler = constant_with_warmup(optimizer, warmup)
     _log(f"model ready in {time.time() - t_load:.1f} s: {n_trainable / 1e6:.2f}M trainable parameters, "
@@ -513,17 +571,35 @@ def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
 
     state = {"step": 0, "tokens": 0, "train_time": 0.0, "eval_before": None}
     if resume_from is not None:
-        state.update(ckpt_io.load(resume_from, optimizer, scheduler))
+        if ctx is None:
+            state.update(ckpt_io.load(resume_from, optimizer, scheduler))
+        else:
+            state.update(ckpt_io.load(resume_from, optimizer, scheduler, rank=ctx.rank,
+                                      load_optimizer=lambda d: distributed.load_state(d, wrapped, optimizer)))
         _log(f"resumed from {resume_from} at step {state['step']}")
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"] if resume_from else
-                         (-1 if resume else None))
-    save_adapter = _api("save_adapter")
+                         (-1 if resume else None)) if main else None
+    _save_adapter = _api("save_adapter")
+
+    def save_adapter(directory):
+        if ctx is None:
+            return _save_adapter(model, str(directory))
+        with distributed.gathered(wrapped):  # collective: whole adapter weights on every rank
+            if main:
+                _save_adapter(model, str(directory))
 
     def eval_now(tag):
         _log(f"evaluating ({tag}) on {len(eval_ex)} held-out examples ...")
         t = time.time()
-        r = evaluate(model, tokenizer, eval_ex, device, cfg.source_max_len, cfg.target_max_len,
-                     cfg.eval_batch_size)
+        args = (tokenizer, eval_ex, device, cfg.source_max_len, cfg.target_max_len, cfg.eval_batch_size)
+        if cfg.distributed == "ddp":
+            # replicated model: rank 0 evaluates alone (the others wait in the next step's all-reduce)
+            r = evaluate(model, *args) if main else {}
+        else:
+            with torch.no_grad():  # FSDP2: every rank runs the same passes, gathering the layers it needs
+                r = run(evaluate, *args)
+        if not main:
+            return r
         r.update(eval=tag, step=state["step"], seconds=time.time() - t)
         metrics.write(r)
         _log(f"  {tag}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}, exact match "
@@ -534,12 +610,13 @@ def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
         state["eval_before"] = {k: v for k, v in eval_now("before").items() if k != "samples"}
 
     def checkpoint():
-        return ckpt_io.save(out / "checkpoints", state["step"], lambda d: save_adapter(model, str(d)),
-                            optimizer, scheduler, {k: v for k, v in state.items() if k != "step"},
-                            keep=cfg.save_total_limit)
+        extra = {} if ctx is None else dict(
+            rank=ctx.rank, barrier=barrier, save_optimizer=lambda d: distributed.save_state(d, wrapped, optimizer))
+        return ckpt_io.save(out / "checkpoints", state["step"], save_adapter, optimizer, scheduler,
+                            {k: v for k, v in state.items() if k != "step"}, keep=cfg.save_total_limit, **extra)
 
     model.train()
-    bar = _progress(cfg.progress, total_steps, state["step"])
+    bar = _progress(cfg.progress and main, total_steps, state["step"])
     step_tokens_t0 = time.time()
     try:
         with _Interrupt() as intr:
@@ -550,14 +627,23 @@ def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
                 batches = [collate([feats[i] for i in idx], pad) for idx in window]
                 n_target = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
                 loss_sum = 0.0
-                for b in batches:
+                for idx, b in zip(window, batches):
+                    weight = 1.0
+                    if ctx is not None:  # this rank's share of the global micro-batch
+                        mine = distributed.rank_share(idx, ctx.rank, world)
+                        # a rank left without a sequence (a short last batch) still joins the collectives
+                        mine, weight = (mine, 1.0) if mine else (idx[:1], 0.0)
+                        b = collate([feats[i] for i in mine], pad)
                     b = {k: v.to(device) for k, v in b.items()}
-                    s, _ = token_loss(model, b)
-                    # token-weighted over the whole accumulation window, as if it were one batch
-                    (s / max(n_target, 1)).backward()
-                    loss_sum += float(s.detach())
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) \
-                    if cfg.max_grad_norm > 0 else float("nan")
+                    s, _ = run(token_loss, b)
+                    # token-weighted over the whole accumulation window (and the whole global batch) as if it
+                    # were one batch; DDP and FSDP2 average gradients over the ranks, hence the world factor
+                    (s * (weight * world / max(n_target, 1))).backward()
+                    loss_sum += weight * float(s.detach())
+                if ctx is not None:
+                    loss_sum = distributed.all_reduce_sum(loss_sum, device)
+                clip = torch.nn.utils.clip_grad_norm_ if ctx is None else distributed.clip_grad_norm
+                grad_norm = float(clip(params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else float("nan")
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -569,7 +655,7 @@ def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
                 state["train_time"] += dt
                 loss = loss_sum / max(n_target, 1)
                 mem = memory_bytes(device)
-                if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps:
+                if main and (state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps):
                     metrics.write({"step": state["step"], "epoch": first / len(plan), "loss": loss, "lr": lr,
                                    "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / dt,
                                    "memory": mem["current"], "time": round(time.time() - t_start, 3)})
@@ -577,13 +663,15 @@ def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
                     bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens / dt:.0f} tok/s "
                                         f"mem {fmt_bytes(mem['current'])}", refresh=False)
                     bar.update(1)
-                if intr.requested:
+                requested = intr.requested if ctx is None else distributed.any_rank(intr.requested, device)
+                if requested:
                     path = checkpoint()
                     raise Interrupted(state["step"], path)
                 if state["step"] % cfg.save_steps == 0 and state["step"] < total_steps:
                     checkpoint()
     except BaseException:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         raise
     finally:
         if bar is not None:
@@ -593,14 +681,17 @@ def finetune(cfg: FinetuneConfig, resume=None) -> Dict:
     checkpoint()
     after = eval_now("after")
     adapter_dir = out / "adapter"
-    save_adapter(model, str(adapter_dir))
+    save_adapter(adapter_dir)
+    if not main:
+        return None
     tokenizer.save_pretrained(str(adapter_dir))  # so `generate --adapter` finds the chat template too
     metrics.close()
     records = MetricsLog.read(out / "metrics.jsonl")
     plot_losses(records, out / "loss_curve.png")
     before = state["eval_before"] or {}
     summary = {
-        "model": spec.label, "device": str(device), "steps": state["step"], "train_examples": len(train_ex),
+        "model": spec.label, "device": str(device), "distributed": cfg.distributed, "world_size": world,
+        "steps": state["step"], "train_examples": len(train_ex),
         "eval_examples": len(eval_ex), "trainable_params": n_trainable,
         "exact_match_before": before.get("exact_match"), "exact_match_after": after["exact_match"],
         "eval_loss_before": before.get("loss"), "eval_loss_after": after["loss"],

@@ -1,0 +1,224 @@
+"""DDP and FSDP2 on CPU: each test run starts 2 processes itself (torch.distributed.run on a free port, gloo,
+OMP_NUM_THREADS=1) on the tiny-llama fixture. `qlora-ext finetune --distributed {ddp,fsdp}` matches the
+single-process run with the same global batch, step by step and in its final adapter; an FSDP2 run stopped at
+a checkpoint and resumed continues exactly as the uninterrupted one; the 4-bit weights and their QuantStates
+survive sharding, gathering and state-dict save / load, and the fused optimizers update and save DTensor
+shards (fsdp_quant_worker.py); bad use fails with one line;
+`estimate --world-size` gives the bytes per rank.
+
+Tolerance against the single-process run: 1e-5 relative on losses, 1e-5 absolute on adapter weights (of size
+~1e-2 to 1e-1). Each rank pads its half of a batch to its own longest sequence and the gradients are summed
+across ranks by gloo, so float32 sums run in another order and over other shapes: results differ in the last
+bits (measured: < 1e-6), never by a learning-rate-sized step. A resumed run repeats the same computation on
+the same ranks, so it must match the uninterrupted one exactly.
+"""
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli_fixtures import TINY_FLOAT, make_tiny_model_dir
+from qlora_ext import estimate as E
+from qlora_ext import train as T
+from qlora_ext.cli import main
+from qlora_ext.distributed import TORCHRUN_ENV, rank_share
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS, SAVE = 6, 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, cwd, timeout=240) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc-per-node 2 ARGS` with this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), *args]
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    model = make_tiny_model_dir(root / "model")
+    words = ["red", "blue", "cat", "dog", "sun", "sea", "oak", "ice", "fig", "owl", "ant"]
+    train = root / "train.jsonl"  # 22 records in batches of 3: a batch of 1 leaves a rank without data
+    train.write_text("".join(json.dumps({"instruction": "Is it a word?", "input": w + str(i), "output": "yes"})
+                             + "\n" for i, w in enumerate(words * 2)))
+    evald = root / "eval.jsonl"
+    evald.write_text("".join(json.dumps({"instruction": "Is it a word?", "input": w, "output": "yes"}) + "\n"
+                             for w in ("pen", "cup", "map")))
+    return {"root": root, "model": str(model), "train": str(train), "eval": str(evald)}
+
+
+def ft_args(tiny, out, *extra):
+    # batch 3 over 2 ranks: shares of 2 and 1 sequences (uneven on purpose)
+    return ["finetune", "--model", tiny["model"], "--data", tiny["train"], "--eval-data", tiny["eval"],
+            "--output-dir", str(out), "--batch-size", "3", "--grad-accum", "2", "--lora-r", "4", "--lr", "1e-2",
+            "--eval-batch-size", "4", "--no-progress", "--max-steps", str(STEPS), "--save-steps", str(SAVE),
+            "--save-total-limit", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny):
+    """Output dirs of the same run: single process, DDP, FSDP2, and FSDP2 resumed from its step-3 checkpoint."""
+    root = tiny["root"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(ft_args(tiny, root / "single")) == 0
+    finally:
+        torch.set_num_threads(n)
+    out = {"single": root / "single"}
+    for mode in ("ddp", "fsdp"):
+        res = torchrun("-m", "qlora_ext", *ft_args(tiny, root / mode, "--distributed", mode), cwd=root)
+        out[mode] = root / mode
+        out[mode + "_stdout"] = res.stdout
+    # stopped after the step-3 checkpoint: drop what came later, as a crash would have
+    res = root / "resumed"
+    shutil.copytree(root / "fsdp", res)
+    for p in (res / "checkpoints").glob("step-*"):
+        if p.name != f"step-{SAVE:06d}":
+            shutil.rmtree(p)
+    (res / "checkpoints" / "latest").write_text(f"step-{SAVE:06d}\n")
+    shutil.rmtree(res / "adapter")
+    (res / "summary.json").unlink()
+    torchrun("-m", "qlora_ext", *ft_args(tiny, res, "--distributed", "fsdp", "--resume"), cwd=root)
+    out["resumed"] = res
+    return out
+
+
+def train_losses(out):
+    return [r["loss"] for r in T.MetricsLog.read(out / "metrics.jsonl") if "eval" not in r]
+
+
+def adapter(out):
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_matches_single_process(runs, mode):
+    single, dist = train_losses(runs["single"]), train_losses(runs[mode])
+    assert len(dist) == STEPS
+    assert dist == pytest.approx(single, rel=1e-5)
+    assert single[-1] < single[0] - 0.5  # it trained: the comparison is not between two idle runs
+    a, b = adapter(runs["single"]), adapter(runs[mode])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-3  # B moved away from 0
+    # rank 0 alone reports: one summary on stdout, each step logged once, both evaluations
+    summary = json.loads((runs[mode] / "summary.json").read_text())
+    assert summary["distributed"] == mode and summary["world_size"] == 2
+    assert runs[mode + "_stdout"].count("exact match") == 1
+    recs = T.MetricsLog.read(runs[mode] / "metrics.jsonl")
+    assert [r["step"] for r in recs if "eval" not in r] == list(range(1, STEPS + 1))
+    evals = {r["eval"]: r for r in recs if "eval" in r}
+    single_evals = {r["eval"]: r for r in T.MetricsLog.read(runs["single"] / "metrics.jsonl") if "eval" in r}
+    assert evals.keys() == {"before", "after"}
+    assert evals["after"]["loss"] == pytest.approx(single_evals["after"]["loss"], rel=1e-5)
+    assert (runs[mode] / "loss_curve.png").is_file()
+
+
+def test_fsdp_checkpoint_is_sharded(runs):
+    ckpt = runs["fsdp"] / "checkpoints" / f"step-{SAVE:06d}"
+    shards = sorted(p.name for p in (ckpt / "optimizer").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert {"rng.safetensors", "rng.rank1.safetensors", "adapter_model.safetensors", "trainer_state.json"} <= \
+        {p.name for p in ckpt.iterdir()}
+    assert not (ckpt / "optimizer.safetensors").exists()
+
+
+def test_fsdp_resume_continues_exactly(runs):
+    assert train_losses(runs["resumed"]) == train_losses(runs["fsdp"])
+    a, b = adapter(runs["fsdp"]), adapter(runs["resumed"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_quant_state_survives_sharding_and_state_dicts(tmp_path):
+    res = torchrun(str(REPO / "python_tests" / "fsdp_quant_worker.py"), str(TINY_FLOAT), str(tmp_path / "ckpt"),
+                   cwd=tmp_path)
+    assert [ln for ln in res.stdout.splitlines() if ln.startswith("ok ")] == [
+        "ok sharded", "ok gathered", "ok forward", "ok full state dict", "ok sharded save and load", "ok optimizer"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pieces and bad use, in process
+
+
+def test_rank_share_splits_like_chunk():
+    for n in range(0, 9):
+        for world in (1, 2, 3, 4):
+            parts = [rank_share(list(range(n)), r, world) for r in range(world)]
+            assert sum(parts, []) == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def one_line_error(capsys, rc, pattern):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("qlora-ext") and "error:" in err and pattern in err, err
+
+
+def test_distributed_needs_torchrun(tiny, tmp_path, capsys, monkeypatch):
+    for k in TORCHRUN_ENV:
+        monkeypatch.delenv(k, raising=False)
+    rc = main(ft_args(tiny, tmp_path / "o", "--distributed", "ddp"))
+    one_line_error(capsys, rc, "must be started by torchrun")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_distributed_options(tiny, tmp_path, capsys):
+    rc = main(ft_args(tiny, tmp_path / "o", "--distributed", "fsdp", "--optim", "paged_adamw_8bit"))
+    one_line_error(capsys, rc, "cannot be used with --distributed fsdp")
+    with pytest.raises(SystemExit) as e:
+        main(ft_args(tiny, tmp_path / "o", "--distributed", "zero3"))
+    assert e.value.code == 2
+    assert "--distributed" in capsys.readouterr().err
+
+
+def test_estimate_per_rank():
+    shape = E.resolve_shape("65B")
+    one = E.estimate(shape, "qlora", batch=8)
+    for world in (2, 4, 8):
+        f = E.per_rank(shape, "qlora", world, "fsdp", batch=8)
+        for c in E.SHARDED:
+            assert f[c] == -(-one[c] // world)
+        assert f["activations"] == E.estimate(shape, "qlora", batch=8 // world)["activations"]
+        assert f["buffers"] > 0 and f["total"] == sum(f[c] for c in E.COMPONENTS) + f["buffers"]
+        d = E.per_rank(shape, "qlora", world, "ddp", batch=8)
+        assert d["weights"] == one["weights"] and d["buffers"] == one["gradients"]
+        assert f["total"] < d["total"]
+    totals = [E.per_rank(shape, "qlora", w, batch=8)["total"] for w in (1, 2, 4, 8)]
+    assert totals == sorted(totals, reverse=True)
+    assert E.per_rank(shape, "qlora", 1, batch=8)["total"] == one["total"]  # one rank: nothing changes
+    with pytest.raises(ValueError, match="world_size"):
+        E.per_rank(shape, "qlora", 0)
+    with pytest.raises(ValueError, match="strategy"):
+        E.per_rank(shape, "qlora", 2, "zero3")
+
+
+def test_cli_estimate_world_size(capsys):
+    assert main(["estimate", "--model", "7B", "--world-size", "4", "--batch-size", "8", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["distributed"]["world_size"] == 4 and rep["distributed"]["strategy"] == "fsdp"
+    assert rep["distributed"]["per_rank"]["qlora"]["total"] < rep["bytes"]["qlora"]["total"]
+    assert main(["estimate", "--model", "7B", "--world-size", "4", "--strategy", "ddp"]) == 0
+    assert "per rank, 4 ranks, ddp" in capsys.readouterr().out
+    one_line_error(capsys, main(["estimate", "--model", "7B", "--world-size", "0"]), "--world-size")

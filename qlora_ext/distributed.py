@@ -1,0 +1,245 @@
+"""Multi-process QLoRA on PyTorch's own engine: DDP (model replicated, LoRA gradients all-reduced) or FSDP2
+(`fully_shard` per decoder layer: packed 4-bit weights, stored in a float quant_storage, are sharded and
+gathered like any parameter; each QuantState is small and replicated), with sharded checkpoints of adapters +
+optimizer through torch.distributed.checkpoint (DCP). Started by torchrun (RANK / WORLD_SIZE / ... in the env).
+
+The trainer sees: `init` (process group + this rank's device), `wrap` (the model behind one module whose
+forward runs any function of the inner model, so DDP's and FSDP2's hooks see every training and evaluation
+pass), `rank_share` (its part of a global batch), `gathered` (whole weights, to write the PEFT adapter) and
+`save_state` / `load_state` (adapters + optimizer, sharded, through DCP; qlora_ext.checkpoint lays out the
+rest of a checkpoint).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .train import SetupError
+
+MODES = ("ddp", "fsdp")
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedSetupError(SetupError):
+    """A distributed run that cannot start (no torchrun environment, a batch that does not split, ...)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    mode: str
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(mode: str, device: str = "auto") -> Context:
+    """Joins the process group torchrun set up: gloo on CPU, NCCL on CUDA (one GPU per local rank)."""
+    if mode not in MODES:
+        raise DistributedSetupError(f"--distributed must be one of {', '.join(MODES)}, got {mode!r}")
+    missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+    if missing:
+        raise DistributedSetupError(
+            f"--distributed {mode} must be started by torchrun (missing {', '.join(missing)} in the environment): "
+            f"torchrun --nproc-per-node N -m qlora_ext finetune --distributed {mode} ...")
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DistributedSetupError(f"--device {device}: CUDA is not available on this machine")
+        dev = torch.device("cuda", local)  # one GPU per local rank, whatever index was named
+        torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise DistributedSetupError(f"--device {device}: only cpu and cuda are supported")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dist.get_world_size() != world:
+        raise DistributedSetupError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} ranks")
+    return Context(mode, rank, world, dev)
+
+
+def shutdown(clean: bool = True) -> None:
+    """Leaves the process group; after a clean run, only once every rank is done (none tears the group down
+    while another is still in a collective). After an error no barrier: the other ranks may never reach it."""
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def rank_share(indices: List[int], rank: int, world: int) -> List[int]:
+    """This rank's contiguous part of a global batch (sizes differ by at most one, like torch.chunk)."""
+    base, extra = divmod(len(indices), world)
+    start = rank * base + min(rank, extra)
+    return indices[start:start + base + (rank < extra)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model
+
+
+class Runner(nn.Module):
+    """`runner(fn, *args)` = fn(model, *args) inside this module's forward. DDP must see the forward to sync
+    gradients, and FSDP2 gathers the parameters not owned by a decoder layer (embeddings, final norm, LM head)
+    in the root module's forward; the trainer calls the inner model in several ways (the chunked-head loss
+    reaches for `model.model` and `lm_head.weight` directly, evaluation generates), so each one runs through
+    here."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def decoder_layers(model: nn.Module) -> List[nn.Module]:
+    """The repeated blocks FSDP2 shards one by one (transformers names their classes in _no_split_modules)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise DistributedSetupError(f"{type(model).__name__}: cannot find its decoder layers (no "
+                                    f"_no_split_modules), so FSDP2 has no unit to shard")
+    return layers
+
+
+def check_fsdp_storage(model: nn.Module) -> torch.dtype:
+    """FSDP2 gathers each unit's parameters in one buffer of one dtype: the packed 4-bit weights must be stored
+    as the same float dtype as the unit's other parameters (the bytes viewed as float32 / bfloat16)."""
+    from .nn import Linear4bit
+    for layer in decoder_layers(model):
+        dtypes = {p.dtype for p in layer.parameters()}
+        packed = {m.weight.dtype for m in layer.modules() if isinstance(m, Linear4bit)}
+        if len(dtypes) != 1 or not all(d.is_floating_point for d in packed):
+            raise DistributedSetupError(
+                f"FSDP2 needs one float dtype per decoder layer, got {sorted(map(str, dtypes))} (packed 4-bit "
+                f"weights in {sorted(map(str, packed))}): quantize with quant_storage equal to the other "
+                f"parameters' dtype (QLoRAConfig(quant_storage=torch.float32))")
+    return dtypes.pop()
+
+
+def wrap(model: nn.Module, ctx: Context) -> Runner:
+    """The model ready for ctx.mode: DDP over the whole Runner, or FSDP2 with one unit per decoder layer
+    and the Runner as root. Every rank must hold the same model (same checkpoint, same seed)."""
+    runner = Runner(model)
+    if ctx.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # DDP broadcasts rank 0's parameters and buffers at construction: the adapters start identical even if
+        # a rank's RNG drifted
+        return DDP(runner, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    check_fsdp_storage(model)
+    # explicit: the default mesh follows the machine's accelerator, not the device this run chose
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(runner, mesh=mesh)
+    return runner
+
+
+def inner(wrapped: nn.Module) -> nn.Module:
+    """The transformers model inside a wrapped Runner (DDP adds a `.module`)."""
+    return getattr(wrapped, "module", wrapped).model
+
+
+def run(wrapped: nn.Module, fn: Callable, *args, **kwargs):
+    """fn(model, *args) through the wrapper's forward. Call it under torch.no_grad() when fn does not train
+    (under DDP a forward with grad enabled expects a backward)."""
+    return wrapped(fn, *args, **kwargs)
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """torch's clip_grad_norm_; under FSDP2 the gradients are sharded DTensors and the norm is a DTensor whose
+    full value needs one all-reduce."""
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on one (a Ctrl-C seen by one rank checkpoints them all)."""
+    return all_reduce_sum(float(bool(flag)), device) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# state: full adapters for PEFT files, sharded adapters + optimizer for resume
+
+
+@contextlib.contextmanager
+def gathered(wrapped: nn.Module):
+    """Inside: every FSDP2 unit of `wrapped` is unsharded (full plain tensors in the modules), so code that
+    reads parameters directly (save_adapter) sees whole weights. Collective: all ranks must enter. A no-op
+    for DDP, whose parameters are never sharded."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    for u in units:
+        u.unshard()
+    try:
+        yield inner(wrapped)
+    finally:
+        for u in units:
+            u.reshard()
+
+
+def full_state_dict(wrapped: nn.Module) -> Dict[str, torch.Tensor]:
+    """The inner model's whole state dict (packed 4-bit bytes with their QuantState entries, adapters, ...)
+    with every FSDP2 shard gathered, keyed as on a plain model, so it loads into one. Collective.
+
+    torch's get_model_state_dict cannot be used for this: it resolves every key as an attribute path, and the
+    bitsandbytes layout keys a weight's scales under the weight (`q_proj.weight.absmax`)."""
+    from torch.distributed.tensor import DTensor
+    prefix = "module.model." if hasattr(wrapped, "module") else "model."
+    return {k[len(prefix):]: v.full_tensor() if isinstance(v, DTensor) else v
+            for k, v in wrapped.state_dict().items()}
+
+
+def _trainable_state(wrapped: nn.Module) -> Dict[str, torch.Tensor]:
+    """The trainable parameters (the active adapters) as state-dict entries: DTensor shards under FSDP2."""
+    keep = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    return {k: v for k, v in wrapped.state_dict().items() if k in keep}
+
+
+def _optim_state(wrapped: nn.Module, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(wrapped, optimizer)
+
+
+def save_state(directory, wrapped: nn.Module, optimizer) -> None:
+    """Adapters + optimizer state as a DCP checkpoint in `directory`: each rank writes its own shards (DDP:
+    rank 0 writes the replicated tensors once). Collective."""
+    import torch.distributed.checkpoint as dcp
+    state = {"adapter": _trainable_state(wrapped), "optimizer": _optim_state(wrapped, optimizer)}
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def load_state(directory, wrapped: nn.Module, optimizer) -> None:
+    """Reads what save_state wrote into the (already wrapped) model and optimizer, resharding to this run's
+    world size if it differs. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    adapter = _trainable_state(wrapped)
+    state = {"adapter": adapter, "optimizer": _optim_state(wrapped, optimizer)}
+    dcp.load(state, checkpoint_id=str(directory))
+    with torch.no_grad():  # dcp.load fills the state-dict tensors, which share memory with the parameters
+        params = dict(wrapped.named_parameters())
+        for k, v in adapter.items():
+            params[k].copy_(v)  # a no-op copy when they do; kept in case a state-dict hook copied
+    set_optimizer_state_dict(wrapped, optimizer, state["optimizer"])
