@@ -24,13 +24,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import qlora_ext
 from cli_fixtures import TINY_FLOAT, make_tiny_model_dir
 from qlora_ext import estimate as E
 from qlora_ext import train as T
 from qlora_ext.cli import main
 from qlora_ext.distributed import TORCHRUN_ENV, rank_share
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+# The directory holding the qlora_ext these tests import (the repository for an in-place build, site-packages
+# for an installed one): never the source tree of an installed copy, which has no compiled _C.
+PACKAGE_ROOT = pathlib.Path(qlora_ext.__file__).resolve().parents[1]
 STEPS, SAVE = 6, 3
 
 
@@ -41,9 +44,9 @@ def free_port() -> int:
 
 
 def torchrun(*args, cwd, timeout=240) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --nproc-per-node 2 ARGS` with this checkout importable."""
+    """`python -m torch.distributed.run --nproc-per-node 2 ARGS` importing the qlora_ext under test."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(PACKAGE_ROOT), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), *args]
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -151,7 +154,7 @@ def test_fsdp_resume_continues_exactly(runs):
 
 
 def test_fsdp_quant_state_survives_sharding_and_state_dicts(tmp_path):
-    res = torchrun(str(REPO / "python_tests" / "fsdp_quant_worker.py"), str(TINY_FLOAT), str(tmp_path / "ckpt"),
+    res = torchrun(str(pathlib.Path(__file__).with_name("fsdp_quant_worker.py")), str(TINY_FLOAT), str(tmp_path / "ckpt"),
                    cwd=tmp_path)
     assert [ln for ln in res.stdout.splitlines() if ln.startswith("ok ")] == [
         "ok sharded", "ok gathered", "ok forward", "ok full state dict", "ok sharded save and load", "ok optimizer"]
