@@ -216,7 +216,8 @@ def run_one(config: str, seed: int, float_model, tokenizer, train_ex, heldout, e
         n_target = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
         s, _ = token_loss(model, b)
         (s / max(n_target, 1)).backward()
-        torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+        if a.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -330,15 +331,17 @@ def summarize(runs: List[Dict]) -> Dict[str, Dict]:
     return out
 
 
-def target_check(summ: Dict[str, Dict]) -> Dict:
+def target_check(runs: List[Dict]) -> Dict:
     """The issue's target: NF4 + DQ's seed-averaged held-out loss within 1% (relative) and exact match within
-    1 point of 16-bit's."""
-    if "16-bit" not in summ or "nf4-dq" not in summ:
+    1 point of 16-bit's, over the seeds both have finished."""
+    seeds = {r["seed"] for r in runs if r["config"] == "16-bit"} & {r["seed"] for r in runs if r["config"] == "nf4-dq"}
+    if not seeds:
         return {}
+    summ = summarize([r for r in runs if r["seed"] in seeds])
     base, q = summ["16-bit"], summ["nf4-dq"]
     rel = (q["loss"]["mean"] - base["loss"]["mean"]) / base["loss"]["mean"]
     pts = 100 * (q["exact_match"]["mean"] - base["exact_match"]["mean"])
-    return {"loss_rel_diff": rel, "em_point_diff": pts, "loss_met": abs(rel) <= 0.01, "em_met": abs(pts) <= 1.0,
+    return {"seeds": sorted(seeds), "loss_rel_diff": rel, "em_point_diff": pts, "loss_met": abs(rel) <= 0.01, "em_met": abs(pts) <= 1.0,
             "loss_within_16bit_std": abs(q["loss"]["mean"] - base["loss"]["mean"]) <= base["loss"]["std"],
             "em_within_16bit_std": abs(pts) <= 100 * base["exact_match"]["std"]}
 
@@ -368,7 +371,7 @@ def plot(summ: Dict[str, Dict], qerr: Optional[Dict[str, Dict]], path: pathlib.P
     axes[0].set_title("after fine-tuning: mean +- std, dots = seeds", fontsize=9)
     if qerr:
         ax = axes[2]
-        fmts = [f for f in QUANT_ERROR_TYPES if f in qerr]
+        fmts = [f for f in QUANT_ERROR_TYPES if f in qerr and "weight_rel_mse" in qerr[f]]
         x = range(len(fmts))
         ax.bar([i - 0.2 for i in x], [qerr[f]["weight_rel_mse"] for f in fmts], 0.4, label="weights")
         if all("output_rel_mse" in qerr[f] for f in fmts):
@@ -408,6 +411,7 @@ def render(summ, check, runs, qerr, qerr_normal, order_w, order_y, header: Dict)
                  f"{', '.join(f'{100 * v:.1f}' for v in em['values'])} |")
     if check:
         L += ["", "## Target: NF4 + DQ within 1% held-out loss and 1 point exact match of 16-bit (seed means)", "",
+              f"Over seeds {check['seeds']} (those both configs finished).", "",
               f"- held-out loss: {100 * check['loss_rel_diff']:+.2f}% relative -> "
               f"**{'met' if check['loss_met'] else 'NOT met'}** (within one 16-bit std: "
               f"{'yes' if check['loss_within_16bit_std'] else 'no'})",
@@ -429,9 +433,19 @@ def render(summ, check, runs, qerr, qerr_normal, order_w, order_y, header: Dict)
               "answers, captured with forward pre-hooks on the 16-bit model), mean over layers.", "",
               "| format | weight MSE | weight rel. MSE | output rel. MSE | output MSE |",
               "| --- | ---: | ---: | ---: | ---: |"]
+        base_loss = qerr.get("16-bit", {}).get("loss_before_training")
+        if base_loss is not None:
+            L[-2] = L[-2][:-1] + " held-out loss before training (16-bit: %.4f) |" % base_loss
+            L[-1] += " ---: |"
         for f, r in qerr.items():
-            L.append(f"| {f} | {r['weight_mse']:.4e} | {r['weight_rel_mse']:.4e} | "
-                     f"{r.get('output_rel_mse', float('nan')):.4e} | {r.get('output_mse', float('nan')):.4e} |")
+            if f == "16-bit":
+                continue
+            row = (f"| {f} | {r['weight_mse']:.4e} | {r['weight_rel_mse']:.4e} | "
+                   f"{r.get('output_rel_mse', float('nan')):.4e} | {r.get('output_mse', float('nan')):.4e} |")
+            if base_loss is not None:
+                lb = r["loss_before_training"]
+                row += f" {lb:.4f} ({100 * (lb - base_loss) / base_loss:+.1f}%) |"
+            L.append(row)
         for what, o in (("weights", order_w), ("outputs", order_y)):
             if o:
                 L.append(f"\nPer-layer ordering ({what}, of {o['layers']} layers): NF4 < FP4 in {o['nf4<fp4']}, "
@@ -481,6 +495,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-batch-size", type=int, default=32)
     ap.add_argument("--qerr-tokens", type=int, default=2048, help="activation rows captured for the output error")
     ap.add_argument("--skip-quant-error", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: write the report from the runs already in --runs-dir")
     ap.add_argument("--runs-dir", default=str(HERE / "results" / "parity_runs"))
     ap.add_argument("--out", default=str(HERE / "results" / "parity.md"))
     ap.add_argument("--no-progress", dest="progress", action="store_false")
@@ -503,7 +519,7 @@ def main(argv=None) -> int:
           f"{a.steps} steps x {a.batch_size}; configs {a.configs}; seeds {a.seeds}; torch threads "
           f"{torch.get_num_threads()}", file=sys.stderr, flush=True)
 
-    for seed in a.seeds:           # seed-major: an interrupted study still has every config for early seeds
+    for seed in ([] if a.report_only else a.seeds):   # seed-major: an interrupted study has whole early seeds
         for config in a.configs:
             path = runs_dir / f"{config}_seed{seed}.json"
             if path.is_file():
@@ -521,13 +537,20 @@ def main(argv=None) -> int:
                   f"study so far {time.time() - t_start:.0f} s)", file=sys.stderr, flush=True)
     study_s = time.time() - t_start
 
-    runs = []
+    runs, missing = [], []
     for seed in a.seeds:
         for config in a.configs:
-            r = json.loads((runs_dir / f"{config}_seed{seed}.json").read_text())
-            runs.append(r)
+            path = runs_dir / f"{config}_seed{seed}.json"
+            r = json.loads(path.read_text()) if path.is_file() else None
+            if r is None or r.get("settings") != settings_of(a):
+                missing.append(f"{config} seed {seed}")
+            else:
+                runs.append(r)
+    if not runs:
+        print(f"no finished runs in {runs_dir}", file=sys.stderr)
+        return 1
     summ = summarize(runs)
-    check = target_check(summ)
+    check = target_check(runs)
 
     qerr = qerr_normal = order_w = order_y = None
     if not a.skip_quant_error:
@@ -539,6 +562,15 @@ def main(argv=None) -> int:
             ordering_counts(qerr, "per_layer_output_rel_mse")
         g = torch.Generator().manual_seed(0)
         qerr_normal = quant_error({n: torch.randn(w.shape, generator=g) for n, w in weights.items()})
+        # what the quantization alone does to the held-out loss: each config before training (B = 0)
+        from qlora_ext.lm import evaluate
+        lora = train.LoraSettings(r=a.r, alpha=a.alpha, dropout=a.dropout)
+        for config in a.configs:
+            model = build_model(float_model, config, 0, lora, False)
+            loss = evaluate(model, tokenizer, heldout, torch.device("cpu"), batch_size=a.eval_batch_size,
+                            with_generation=False)["loss"]
+            (qerr.get(config) or qerr.setdefault("16-bit", {}))["loss_before_training"] = loss
+            del model
         print(f"quantization error: {time.time() - t:.0f} s", file=sys.stderr)
         (runs_dir / "quant_error.json").write_text(json.dumps(
             {"model": qerr, "normal": {f: {k: v for k, v in r.items() if not k.startswith("per_layer")}
@@ -578,6 +610,9 @@ def main(argv=None) -> int:
                 f"for training (runs found in {runs_dir.name}/ are not redone)",
         "plot": f"[{png.name}]({png.name})",
     }
+    if missing:
+        header["INCOMPLETE"] = (f"{len(runs)} of {len(runs) + len(missing)} runs finished; missing: "
+                                f"{', '.join(missing)} (rerun the command: finished runs are kept)")
     text = render(summ, check, runs, qerr, qerr_normal, order_w, order_y, header)
     out.write_text(text)
     print(text)
