@@ -366,7 +366,7 @@ def plot(summ: Dict[str, Dict], qerr: Optional[Dict[str, Dict]], path: pathlib.P
         lo = min(scale * min(summ[c][key]["values"]) for c in cs)
         hi = max(scale * max(summ[c][key]["values"]) for c in cs)
         pad = 0.5 * (hi - lo) + 1e-3 * max(abs(hi), 1)
-        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_ylim(max(lo - pad, 0.0), hi + pad)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_title("after fine-tuning: mean +- std, dots = seeds", fontsize=9)
     if qerr:
@@ -435,7 +435,7 @@ def render(summ, check, runs, qerr, qerr_normal, order_w, order_y, header: Dict)
               "| --- | ---: | ---: | ---: | ---: |"]
         base_loss = qerr.get("16-bit", {}).get("loss_before_training")
         if base_loss is not None:
-            L[-2] = L[-2][:-1] + " held-out loss before training (16-bit: %.4f) |" % base_loss
+            L[-2] += " held-out loss before training (16-bit: %.4f) |" % base_loss
             L[-1] += " ---: |"
         for f, r in qerr.items():
             if f == "16-bit":
@@ -453,7 +453,7 @@ def render(summ, check, runs, qerr, qerr_normal, order_w, order_y, header: Dict)
                          f"{o['nf4<fp4<int4']}.")
     if qerr_normal:
         L += ["", "For comparison, the same formats on N(0, 1) weights (the shapes of the model's layers, fixed "
-              "seed), where NF4 is information-theoretically optimal:", "",
+              "seed), the distribution NF4's quantiles were built for:", "",
               "| format | weight MSE |", "| --- | ---: |"]
         for f, r in qerr_normal.items():
             L.append(f"| {f} | {r['weight_mse']:.4e} |")
