@@ -14,7 +14,7 @@ LoRA (r 64, alpha 16, all linear layers but the head), paged AdamW 32-bit, lr 2e
 grad-norm clip 0.3 and the data order are those of `qlora-ext finetune` (qlora_ext/train.py). Every
 (config, seed) result is written to --runs-dir as JSON as soon as it finishes; a rerun skips finished ones.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/parity.py                   # full study + report (about 1 h, 2 cores)
+    OMP_WAIT_POLICY=PASSIVE python bench/parity.py     # full study + report: 4-5 min per run on a busy 2-core CPU
     OMP_WAIT_POLICY=PASSIVE python bench/parity.py --steps 2 --seeds 0 --eval-limit 8 --runs-dir /tmp/p --out /tmp/p.md
 """
 from __future__ import annotations
