@@ -28,16 +28,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from _common import proc_status
 
 MiB = 1 << 20
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def _measure(mode: str, path: str, qpath: str, dtype: str) -> dict:
@@ -49,13 +44,13 @@ def _measure(mode: str, path: str, qpath: str, dtype: str) -> dict:
 
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
         f.write("5")
-    base_anon, base_hwm = _status("RssAnon"), _status("VmHWM")
+    base_anon, base_hwm = proc_status("RssAnon"), proc_status("VmHWM")
     peak = [base_anon]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _status("RssAnon"))
+            peak[0] = max(peak[0], proc_status("RssAnon"))
             time.sleep(0.001)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -71,8 +66,8 @@ def _measure(mode: str, path: str, qpath: str, dtype: str) -> dict:
     seconds = time.perf_counter() - t0
     done.set()
     t.join()
-    peak[0] = max(peak[0], _status("RssAnon"))
-    peak_rss = _status("VmHWM") - base_hwm
+    peak[0] = max(peak[0], proc_status("RssAnon"))
+    peak_rss = proc_status("VmHWM") - base_hwm
     rep = Q.memory_report(model)
     final = rep["total_bytes"] if rep["quantized_weight_count"] else \
         sum(p.numel() * p.element_size() for p in model.parameters()) + \

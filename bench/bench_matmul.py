@@ -15,7 +15,6 @@ bytes on 14336x4096 and >= 3x cuBLAS; M = 16 >= 2.5x cuBLAS; M >= 512 >= 0.95x c
 import argparse
 import datetime
 import itertools
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 
 import qlora_ext
 from qlora_ext import functional as F
+from _common import cpu_model
 
 SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096)]
 MS = [1, 8, 32, 256, 1024]
@@ -46,14 +46,6 @@ def copy_bandwidth(device, reps, budget):
     return 2 * src.numel() * 4 / t / 1e9
 
 
-def cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timer(device, fn, reps, budget_s):
@@ -95,7 +87,7 @@ def main():
 
     copy_bw = copy_bandwidth(device, args.reps, args.budget)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{cpu_name()}, {torch.get_num_threads()} threads, qlora_ext cpu_isa={qlora_ext.cpu_isa()}"
+        f"{cpu_model()}, {torch.get_num_threads()} threads, qlora_ext cpu_isa={qlora_ext.cpu_isa()}"
     lines = [
         "# 4-bit matmul benchmark",
         "",

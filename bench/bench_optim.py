@@ -33,6 +33,7 @@ import torch
 
 import qlora_ext
 from qlora_ext import optim as O
+from _common import cpu_model, md_table
 
 MAX_TENSOR = 2048 * 2048
 CPU_TARGET = "ours AdamW (fp32 state) step <= torch AdamW(foreach=True) step"
@@ -40,15 +41,6 @@ CUDA_TARGETS = ("resident PagedAdamW step within 5% of torch AdamW(fused=True); 
                 "2x (state bytes / host-to-device bandwidth) slower than a resident step")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def parse_count(s: str) -> int:
@@ -149,10 +141,6 @@ def candidates(device):
     return out
 
 
-def md_table(header, rows):
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *[line(r) for r in rows]]
 
 
 def paging_row(label, params, device, reps, warmup, h2d_gbs):

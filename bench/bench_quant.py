@@ -40,6 +40,7 @@ import torch
 import qlora_ext
 from qlora_ext import functional as F
 from qlora_ext import reference as R
+from _common import cpu_model, md_table
 
 BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
@@ -53,15 +54,6 @@ MiB = 1 << 20
 # machine description
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def physical_cores() -> int | None:
@@ -275,10 +267,6 @@ def fmt_ms(s: float | None) -> str:
     return f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
 
 
-def md_table(header, rows) -> list[str]:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *[line(r) for r in rows]]
 
 
 def main(argv=None) -> int:

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from _common import proc_status
 
 MiB = 1 << 20
 TARGET_TIME, TARGET_RSS, TARGET_GPU_TPS = 0.8, 0.6, 1.5
@@ -39,12 +40,6 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status (Linux only)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,7 +117,7 @@ def _child(side, path, a):
     else:
         with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS, to see the steps' own peak
             f.write("5")
-        before = _status("VmRSS")
+        before = proc_status("VmRSS")
     times, losses = [], []
     for i in range(a.warmup + a.steps):
         if device.type == "cuda":
@@ -140,7 +135,7 @@ def _child(side, path, a):
     else:
         import resource
         res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # whole process
-        res["train_rss_increase"] = _status("VmHWM") - before
+        res["train_rss_increase"] = proc_status("VmHWM") - before
     return res
 
 

@@ -32,7 +32,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
-import random  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -390,7 +389,7 @@ def plot(summ: Dict[str, Dict], qerr: Optional[Dict[str, Dict]], path: pathlib.P
 
 
 def render(summ, check, runs, qerr, qerr_normal, order_w, order_y, header: Dict) -> str:
-    L = [f"# Parity of NF4 + double quant with 16-bit LoRA (bench/parity.py, issue 7)", ""]
+    L = ["# Parity of NF4 + double quant with 16-bit LoRA (bench/parity.py, issue 7)", ""]
     for k, v in header.items():
         L.append(f"- {k}: {v}")
     L += ["", "## Fine-tuning: held-out metrics after training", "",
@@ -470,9 +469,9 @@ def load_float_model(spec):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
+    from qlora_ext.train import _release_checkpoint_mapping
     model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32, **spec.hf_kwargs())
-    for p in model.parameters():   # detach from the loader's buffers (see train._release_checkpoint_mapping)
-        p.data = p.data.clone()
+    _release_checkpoint_mapping(model)  # own copies, not views of the loader's buffers
     return model.eval()
 
 

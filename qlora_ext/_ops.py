@@ -162,7 +162,7 @@ def _lora_dropout_setup(ctx, inputs, output):
 
 def _lora_dropout_backward(ctx, grad):
     # d(x * keep * scale)/dx = keep * scale: the same op, same seed, applied to the gradient (no mask stored)
-    return ops.lora_dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
+    return ops.lora_dropout(grad, ctx.p, ctx.seed), None, None
 
 
 torch.library.register_autograd("qlora_ext::lora_dropout", _lora_dropout_backward, setup_context=_lora_dropout_setup)
