@@ -98,6 +98,16 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     n_steps = total_steps(cfg, len(plan))
     warmup = math.ceil(cfg.warmup_ratio * n_steps)
 
+    torch.manual_seed(cfg.seed)
+    t_load = time.time()
+    # FSDP2 gathers a decoder layer's parameters in one float32 buffer: the packed bytes are viewed as float32
+    storage = torch.float32 if cfg.distributed == "fsdp" else torch.uint8
+    model = run_model.load_for_training(spec, cfg.quant, cfg.lora, device, cfg.gradient_checkpointing,
+                                        resume_from, storage)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not n_trainable:
+        raise SetupError("no trainable parameters after add_lora (do --target-modules match any layer?)")
+    # the run directory is written only once the model loaded: a failed start leaves nothing to resume
     if main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -111,15 +121,6 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
         f"{f' packed into {len(rows)} rows' if cfg.packing else ''}, {n_steps} steps of {cfg.batch_size} x "
         f"{cfg.grad_accum} sequences -> {out}")
 
-    torch.manual_seed(cfg.seed)
-    t_load = time.time()
-    # FSDP2 gathers a decoder layer's parameters in one float32 buffer: the packed bytes are viewed as float32
-    storage = torch.float32 if cfg.distributed == "fsdp" else torch.uint8
-    model = run_model.load_for_training(spec, cfg.quant, cfg.lora, device, cfg.gradient_checkpointing,
-                                        resume_from, storage)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if not n_trainable:
-        raise SetupError("no trainable parameters after add_lora (do --target-modules match any layer?)")
     if ctx is None:
         wrapped = None
 

@@ -389,6 +389,11 @@ def resolve_output(cfg: FinetuneConfig, resume, overwrite: bool = False
                                  f"nothing there is removed: choose another directory")
             _clear_run(out)
             log(f"--overwrite-output-dir: removed the previous run in {out}; starting from step 0")
+        anc = out.absolute()
+        while not anc.exists() and anc != anc.parent:
+            anc = anc.parent
+        if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+            raise SetupError(f"--output-dir {out}: cannot write in {anc} (choose a directory you can write to)")
         return out, None
     if overwrite:
         raise SetupError("--resume and --overwrite-output-dir contradict each other: pass one")
@@ -415,11 +420,12 @@ def resolve_output(cfg: FinetuneConfig, resume, overwrite: bool = False
             raise ckpt_io.CheckpointError(f"--resume {resume}: not a usable checkpoint ({reason})")
         return out, pathlib.Path(resume)
     ckpt, skipped = ckpt_io.newest_usable(out / "checkpoints", want)
-    if skipped:
+    reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+    if skipped and ckpt is not None:
         log(f"--resume: skipped {'; '.join(f'{p.name} ({why})' for p, why in skipped)}")
     if ckpt is None:
         if _has_state(out):
-            what = "the run stopped before its first checkpoint" if not skipped else "none is usable"
+            what = "the run stopped before its first checkpoint" if not skipped else reasons
             raise ckpt_io.CheckpointError(
                 f"--resume: {out} holds a run but no usable checkpoint ({what}); pass --overwrite-output-dir "
                 f"instead of --resume to start it again from step 0")
