@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
               "each example (position ids restart per example: transformers masks block-diagonally)")
     _add(g, "--source-max-len", type=int, default=1024, help="prompt tokens kept (the last ones)")
     _add(g, "--target-max-len", type=int, default=256,
-         help="answer tokens kept; also the generation limit of exact match")
+         help="answer tokens kept (and the most tokens exact match generates)")
     _add(g, "--train-on-source", action="store_true", help="also train on the prompt tokens")
     _add(g, "--seed", type=int, default=42)
     g = ft.add_argument_group("checkpoints, evaluation, output")

@@ -205,8 +205,8 @@ def evaluate(model, tokenizer, examples: Sequence[Example], device, source_max_l
              target_max_len: int = 256, batch_size: int = 32, with_generation: bool = True) -> Dict:
     """Held-out loss and perplexity over the answer tokens, and strict exact match of greedy answers: an
     answer counts only when the generated text, stripped of surrounding whitespace, equals the reference;
-    generation stops at end-of-sequence or after target_max_len tokens (not at the reference's length, so an
-    answer that goes on cannot match). Overall and per task (records with a 'task' field); records without an
+    generation stops at end-of-sequence or after twice the reference's length + 16 tokens, at most
+    target_max_len (not at the reference's length, so an answer that goes on cannot match). Overall and per task (records with a 'task' field); records without an
     answer to check (`text` records) count in the loss only."""
     was_training = model.training
     model.eval()
@@ -214,6 +214,8 @@ def evaluate(model, tokenizer, examples: Sequence[Example], device, source_max_l
     prompts = [f["input_ids"][:f["n_prompt"]] for f in feats]
     targets = [f["input_ids"][f["n_prompt"]:] for f in feats]
     pad, eos = pad_id(tokenizer), _eos_ids(model, tokenizer)
+    # generous: an answer still going after twice the reference's length + 16 tokens cannot equal it
+    limits = [min(target_max_len, 2 * len(t) + 16) if e.checkable else 1 for t, e in zip(targets, examples)]
     order = sorted(range(len(examples)), key=lambda i: len(feats[i]["input_ids"]))
     total, count = 0.0, 0
     answers: List[Optional[str]] = [None] * len(examples)
@@ -221,8 +223,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], device, source_max_l
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
         res = _loss_and_greedy(model, [prompts[i] for i in idx], [targets[i] for i in idx],
-                               [target_max_len if examples[i].checkable else 1 for i in idx], eos, pad,
-                               device) if shared else None
+                               [limits[i] for i in idx], eos, pad, device) if shared else None
         if res is None:   # separate passes: teacher-forced loss, then transformers' generate
             shared = False
             batch = {n: t.to(device) for n, t in collate([feats[i] for i in idx], pad).items()}
@@ -230,7 +231,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], device, source_max_l
                 s, c = token_loss(model, batch)
             total, count = total + float(s), count + c
             if with_generation:
-                texts = generate(model, tokenizer, [prompts[i] for i in idx], target_max_len, device,
+                texts = generate(model, tokenizer, [prompts[i] for i in idx], [limits[i] for i in idx], device,
                                  batch_size=len(idx))
                 for i, t in zip(idx, texts):
                     answers[i] = t
