@@ -84,13 +84,13 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     world = 1 if ctx is None else ctx.world_size
     device = resolve_device(cfg.device) if ctx is None else ctx.device
     spec = resolve_model(cfg.model)
+    train_ex, eval_ex = run_data.prepare_data(cfg)
     out, resume_from = resolve_output(cfg, resume, overwrite)
     if ctx is not None:
         import torch.distributed as dist
         from .. import distributed
         barrier = dist.barrier
         barrier()  # every rank has checked the output dir before rank 0 writes into it
-    train_ex, eval_ex = run_data.prepare_data(cfg)
     tokenizer = run_model.load_tokenizer(spec)
     rows = run_data.training_rows(cfg, train_ex, tokenizer)
     pad = pad_id(tokenizer)

@@ -389,11 +389,13 @@ def resolve_output(cfg: FinetuneConfig, resume, overwrite: bool = False
                                  f"nothing there is removed: choose another directory")
             _clear_run(out)
             log(f"--overwrite-output-dir: removed the previous run in {out}; starting from step 0")
-        anc = out.absolute()
-        while not anc.exists() and anc != anc.parent:
-            anc = anc.parent
-        if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
-            raise SetupError(f"--output-dir {out}: cannot write in {anc} (choose a directory you can write to)")
+        try:  # created now (empty until the model has loaded): an unwritable place fails before long work
+            out.mkdir(parents=True, exist_ok=True)
+            writable = os.access(out, os.W_OK | os.X_OK)
+        except OSError as exc:
+            raise SetupError(f"--output-dir {out}: cannot create it ({exc.strerror or exc})") from None
+        if not writable:
+            raise SetupError(f"--output-dir {out}: not writable (choose a directory you can write to)")
         return out, None
     if overwrite:
         raise SetupError("--resume and --overwrite-output-dir contradict each other: pass one")
