@@ -97,6 +97,8 @@ def test_finetune_outputs(trained, capsys):
     kept = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
     assert kept == ["checkpoint-10", "checkpoint-12"]
     assert ckpt_io.find(out).name == "checkpoint-12"
+    from transformers.trainer_utils import get_last_checkpoint
+    assert pathlib.Path(get_last_checkpoint(str(out / "checkpoints"))).name == "checkpoint-12"
     assert json.loads((out / "run_config.json").read_text())["lora"]["r"] == 8
 
 
