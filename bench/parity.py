@@ -201,11 +201,13 @@ def run_one(config: str, seed: int, float_model, tokenizer, train_ex, heldout, e
     fingerprint = lora_fingerprint(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = train.build_optimizer(a.optim, params, a.lr)
-    scheduler = train.constant_with_warmup(optimizer, math.ceil(a.warmup_ratio * a.steps))
+    warm = math.ceil(a.warmup_ratio * a.steps)  # the schedule the recorded study used: step k of the warmup at
+    scheduler = torch.optim.lr_scheduler.LambdaLR(   # lr * (k + 1) / warm (the trainer now uses transformers')
+        optimizer, lambda k: min(1.0, (k + 1) / warm) if warm > 0 else 1.0)
     feats = encode_all(train_ex, tokenizer)
     pad = pad_id(tokenizer)
     plan = BatchPlan([len(f["input_ids"]) for f in feats], a.batch_size, seed, group_by_length=True)
-    order = [train._batch_at(plan, s) for s in range(a.steps)]
+    order = [train.batch_at(plan, s) for s in range(a.steps)]
     data_sha = hashlib.sha256(json.dumps(order).encode()).hexdigest()
     model.train()
     losses = []
@@ -469,9 +471,9 @@ def load_float_model(spec):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    from qlora_ext.train import _release_checkpoint_mapping
+    from qlora_ext.train import release_checkpoint_mapping
     model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32, **spec.hf_kwargs())
-    _release_checkpoint_mapping(model)  # own copies, not views of the loader's buffers
+    release_checkpoint_mapping(model)  # own copies, not views of the loader's buffers
     return model.eval()
 
 

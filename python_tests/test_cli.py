@@ -2,6 +2,7 @@
 its outputs, eval / generate / merge with the adapter, resume after SIGINT equal to the uninterrupted run,
 atomic checkpoints, and bad arguments / data failing fast with one line before any model is loaded."""
 import io
+import math
 import json
 import os
 import pathlib
@@ -76,8 +77,9 @@ def test_finetune_outputs(trained, capsys):
     steps = [r for r in recs if "eval" not in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
     for r in steps:
-        assert r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0 and r["memory"] > 0
-    assert steps[0]["lr"] == pytest.approx(1e-2)  # 3% of 12 steps: one warmup step at lr * 1 / 1
+        assert r["loss"] > 0 and r["lr"] >= 0 and r["tokens_per_s"] > 0 and r["memory"] > 0
+    # transformers' constant_with_warmup: 3% of 12 steps is one warmup step, at lr 0 (as in HF's Trainer)
+    assert steps[0]["lr"] == 0.0 and steps[1]["lr"] == pytest.approx(1e-2)
     before, after = [r for r in recs if r.get("eval") == "before"][0], [r for r in recs if r.get("eval") == "after"][0]
     for r in (before, after):
         assert set(r) >= {"loss", "perplexity", "exact_match"}
@@ -92,9 +94,11 @@ def test_finetune_outputs(trained, capsys):
     assert summary["exact_match_before"] == 0.0 and summary["exact_match_after"] == 1.0
     assert summary["steps"] == 12 and summary["peak_memory"] > 0
     # checkpoints: the newest save_total_limit kept, `latest` names the final one
-    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-    assert kept == ["step-000010", "step-000012"]
-    assert ckpt_io.find(out).name == "step-000012"
+    kept = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert kept == ["checkpoint-10", "checkpoint-12"]
+    assert ckpt_io.find(out).name == "checkpoint-12"
+    from transformers.trainer_utils import get_last_checkpoint
+    assert pathlib.Path(get_last_checkpoint(str(out / "checkpoints"))).name == "checkpoint-12"
     assert json.loads((out / "run_config.json").read_text())["lora"]["r"] == 8
 
 
@@ -182,7 +186,7 @@ def test_sigint_checkpoint_then_resume_equals_uninterrupted_run(tiny, tmp_path):
 
 def test_resume_refuses_different_settings_and_missing_checkpoints(tiny, trained, tmp_path, capsys):
     one_line_error(capsys, main(ft_args(tiny, trained, "--max-steps", "12", "--resume", "--seed", "7")),
-                   "settings differ")
+                   "--seed (42 recorded, 7 now) differs")
     one_line_error(capsys, main(ft_args(tiny, tmp_path / "empty", "--resume")), "no checkpoint found")
 
 
@@ -191,19 +195,22 @@ def test_resume_from_a_checkpoint_path_and_before_any_checkpoint(tiny, trained, 
     run = tmp_path / "copy"
     shutil.copytree(trained, run)
     # a checkpoint path alone names the run; a finished run only re-evaluates and re-saves its adapter
-    args = ft_args(tiny, run, "--max-steps", "12", "--resume", str(run / "checkpoints" / "step-000010"))
+    args = ft_args(tiny, run, "--max-steps", "12", "--resume", str(run / "checkpoints" / "checkpoint-10"))
     del args[args.index("--output-dir"):args.index("--output-dir") + 2]
     assert main(args) == 0
     steps = [r["step"] for r in T.MetricsLog.read(run / "metrics.jsonl") if "eval" not in r]
     assert steps == list(range(1, 13))
-    # a run stopped before its first checkpoint (here: checkpoints removed) starts again from step 0
+    # a run stopped before its first checkpoint (here: checkpoints removed) is refused in one line, and starts
+    # again from step 0 only when asked to
     shutil.rmtree(run / "checkpoints")
     shutil.rmtree(run / "adapter")
-    assert main(ft_args(tiny, run, "--max-steps", "12", "--resume")) == 0
+    capsys.readouterr()
+    one_line_error(capsys, main(ft_args(tiny, run, "--max-steps", "12", "--resume")),
+                   "holds a run but no usable checkpoint")
+    assert main(ft_args(tiny, run, "--max-steps", "12", "--overwrite-output-dir")) == 0
     recs = T.MetricsLog.read(run / "metrics.jsonl")
     assert [r["step"] for r in recs if "eval" not in r] == list(range(1, 13))
     assert [r["eval"] for r in recs if "eval" in r] == ["before", "after"]
-    assert "starting again" in capsys.readouterr().err
 
 
 def test_checkpoint_save_is_atomic(tmp_path):
@@ -211,10 +218,12 @@ def test_checkpoint_save_is_atomic(tmp_path):
     opt = torch.optim.AdamW([p], lr=0.1)
     p.grad = torch.ones_like(p)
     opt.step()
-    sched = T.constant_with_warmup(opt, 2)
+    sched = T.build_scheduler("constant", opt, 2, 10)
 
     def adapter(d):
-        (d / "adapter_model.safetensors").write_bytes(b"x")
+        from safetensors.torch import save_file
+        save_file({"w": torch.zeros(2)}, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text("{}")
 
     ckpt_io.save(tmp_path, 1, adapter, opt, sched, {"tokens": 5})
 
@@ -224,10 +233,10 @@ def test_checkpoint_save_is_atomic(tmp_path):
     with pytest.raises(OSError):
         ckpt_io.save(tmp_path, 2, crash, opt, sched, {"tokens": 9})
     good = ckpt_io.find(tmp_path)
-    assert good.name == "step-000001" and not (tmp_path / "step-000002").exists()
+    assert good.name == "checkpoint-1" and not (tmp_path / "checkpoint-2").exists()
     # the complete checkpoint restores optimizer state exactly
     opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=0.1)
-    state = ckpt_io.load(good, opt2, T.constant_with_warmup(opt2, 2))
+    state = ckpt_io.load(good, opt2, T.build_scheduler("constant", opt2, 2, 10))
     assert state["tokens"] == 5 and state["step"] == 1
     s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
     assert sorted(s1) == sorted(s2) == ["exp_avg", "exp_avg_sq", "step"]
@@ -237,7 +246,7 @@ def test_checkpoint_save_is_atomic(tmp_path):
     f = good / "optimizer.safetensors"
     f.write_bytes(f.read_bytes()[:20])
     with pytest.raises(ckpt_io.CheckpointError, match="corrupt checkpoint"):
-        ckpt_io.load(good, opt2, T.constant_with_warmup(opt2, 2))
+        ckpt_io.load(good, opt2, T.build_scheduler("constant", opt2, 2, 10))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,7 +257,8 @@ def test_checkpoint_save_is_atomic(tmp_path):
 def no_model_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded although the arguments were bad")
-    monkeypatch.setattr(T, "load_quantized_model", refuse)
+    import qlora_ext.train.model as M
+    monkeypatch.setattr(M, "load_quantized_model", refuse)
 
 
 BAD_JSONL = '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 5}\n'
@@ -269,11 +279,34 @@ BAD_JSONL = '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output":
     (["--model", "{tmp}/nowhere"], {}, "not a model directory or .gguf file"),
     (["--model", "{tmp}/x.gguf"], {}, "no such GGUF file"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], {}, "--device"),
+    (["--lr", "nan"], {}, "argument --lr/--learning-rate/--learning_rate: must be a finite number, got 'nan'"),
+    (["--learning_rate", "inf"], {}, "must be a finite number, got 'inf'"),
+    (["--lora-alpha", "nan"], {}, "--lora-alpha"),
+    (["--max-grad-norm", "nan"], {}, "--max-grad-norm"),
+    (["--lora-dropout", "-0.1"], {}, "--lora-dropout must be >= 0"),
+    (["--epochs", "0"], {}, "--epochs must be > 0"),
+    (["--max-steps", "0"], {}, "--max-steps must be > 0"),
+    (["--eval-steps", "-1"], {}, "--eval-steps must be >= 0"),
+    (["--lr-scheduler-type", "step"], {}, "invalid choice: 'step'"),
+    (["--data", "{tmp}/latin1.jsonl"], {"latin1.jsonl": None}, "latin1.jsonl: not UTF-8 text"),
+    (["--config", "{tmp}/missing.yaml"], {}, "--config {tmp}/missing.yaml: no such file"),
+    (["--config", "{tmp}/c.yaml"], {"c.yaml": "lr: [1, 2\n"}, "c.yaml:2: invalid YAML"),
+    (["--config", "{tmp}/c.yaml"], {"c.yaml": "learning_rat: 1e-3\n"}, "c.yaml: unknown setting 'learning_rat'"),
+    (["--config", "{tmp}/c.yaml"], {"c.yaml": "lr: .nan\n"}, "c.yaml: lr (--lr): must be a finite number"),
+    (["--config", "{tmp}/c.json"], {"c.json": '{"lora_dropout": 2}'}, "--lora-dropout must be in [0, 1), got 2.0"),
+    (["--config", "{tmp}/c.txt"], {"c.txt": "lr: 1"}, "use a .yaml, .yml or .json file"),
+    (["--model", "{tmp}/noweights"], {"noweights/config.json": '{"model_type": "llama"}'}, "cannot"),
+    (["--resume", "--overwrite-output-dir"], {}, "contradict"),
 ])
 def test_bad_arguments_fail_fast_with_one_line(tiny, tmp_path, capsys, no_model_loading, extra, files, message):
     for name, text in files.items():
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if text is None:   # bytes that are not UTF-8
+            (tmp_path / name).write_bytes('{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
+        else:
+            (tmp_path / name).write_text(text)
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    message = message.replace("{tmp}", str(tmp_path))
     args = ft_args(tiny, tmp_path / "out", "--max-steps", "2")
     if "--model" in extra:   # replace, not add, the model
         i = args.index("--model")
@@ -290,7 +323,8 @@ def test_bad_arguments_fail_fast_with_one_line(tiny, tmp_path, capsys, no_model_
         rc = exc.code
     one_line_error(capsys, rc, message)
     assert time.time() - t0 < 30
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.iterdir())   # nothing written (at most the empty directory)
 
 
 def test_cli_defaults_are_the_config_defaults():
@@ -384,7 +418,7 @@ def test_evaluate_single_pass_equals_separate_passes(tiny, trained, monkeypatch)
     from qlora_ext.data import load_examples
     spec = T.resolve_model(tiny["model"])
     model = T.load_quantized_model(spec, T.QuantSettings(), torch.device("cpu"))
-    T._api("load_adapter")(model, str(trained / "adapter"))
+    T.api("load_adapter")(model, str(trained / "adapter"))
     tok = T.load_tokenizer(spec)
     ex = load_examples(tiny["eval"]) + load_examples(tiny["train"])[:5]
     one = lm.evaluate(model, tok, ex, torch.device("cpu"), batch_size=3)
@@ -393,3 +427,251 @@ def test_evaluate_single_pass_equals_separate_passes(tiny, trained, monkeypatch)
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
     assert one["exact_match"] == two["exact_match"] == 1.0
     assert [s["generated"] for s in one["samples"]] == [s["generated"] for s in two["samples"]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# runs remember their settings
+
+
+def test_adapter_takes_a_run_dir_and_the_runs_base_model(tiny, trained, capsys):
+    cfg = json.loads((trained / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "model"   # portable: the model's name, not a local path
+    run = json.loads((trained / "run_config.json").read_text())
+    assert run["resolved_model"] == str(pathlib.Path(tiny["model"]).resolve()) and run["base_model"] == "model"
+    # no --model: the run's base model; --adapter: the run's output directory
+    assert main(["eval", "--adapter", str(trained), "--data", tiny["eval"]]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["exact_match"] == 1.0
+    assert main(["generate", "--adapter", str(trained / "adapter"), "--prompt", "Is it a word?\nzebra",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == "yes"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda a: (a / "adapter_config.json").write_text("{"), "adapter_config.json"),
+    (lambda a: (a / "adapter_model.safetensors").write_bytes((a / "adapter_model.safetensors").read_bytes()[:50]),
+     "truncated"),
+    (lambda a: (a / "adapter_config.json").unlink(), "no adapter_config.json there"),
+])
+def test_bad_adapters_fail_in_one_line_before_loading_the_model(tiny, trained, tmp_path, capsys, no_model_loading,
+                                                                 damage, message):
+    import shutil
+    a = tmp_path / "adapter"
+    shutil.copytree(trained / "adapter", a)
+    damage(a)
+    one_line_error(capsys, main(["eval", "--model", tiny["model"], "--adapter", str(a)]), message)
+
+
+def _capture_config(monkeypatch):
+    from qlora_ext import train
+    seen = {}
+
+    def fake(cfg, resume=None, overwrite=False):
+        seen.update(cfg=cfg, resume=resume, overwrite=overwrite)
+        return None
+    monkeypatch.setattr(train, "finetune", fake)
+    return seen
+
+
+def test_config_file_aliases_and_flag_precedence(tmp_path, monkeypatch):
+    seen = _capture_config(monkeypatch)
+    (tmp_path / "run.yaml").write_text("learning_rate: 1.0e-3\nlora_r: 8\nper_device_train_batch_size: 2\n"
+                                       "target_modules: [q_proj, v_proj]\ngradient_checkpointing: false\n"
+                                       "num_train_epochs: 3\n")
+    assert main(["finetune", "--config", str(tmp_path / "run.yaml"), "--lora_r", "16"]) == 0
+    c = seen["cfg"]
+    assert (c.lr, c.lora.r, c.batch_size, c.epochs, c.gradient_checkpointing) == (1e-3, 16, 2, 3.0, False)
+    assert c.lora.target_modules == ["q_proj", "v_proj"] and c.max_steps is None
+    (tmp_path / "run.json").write_text('{"lr": 0.01, "eval-steps": 5}')
+    assert main(["finetune", "--config", str(tmp_path / "run.json"), "--gradient_accumulation_steps", "3",
+                 "--lr-scheduler-type", "cosine", "--report_to", "none"]) == 0
+    c = seen["cfg"]
+    assert (c.lr, c.eval_steps, c.grad_accum, c.lr_scheduler_type) == (0.01, 5, 3, "cosine")
+
+
+def test_epochs_work_without_max_steps():
+    cfg = T.FinetuneConfig(data="x.jsonl", epochs=2.5, grad_accum=2)
+    assert T.total_steps(cfg, 10) == 13                      # ceil(2.5 * 10 / 2)
+    assert T.total_steps(T.FinetuneConfig(data="x.jsonl"), 10) == 10           # one epoch by default
+    assert T.total_steps(T.FinetuneConfig(), 750) == T.DEFAULT_RUN_STEPS      # the default run
+    assert T.total_steps(T.FinetuneConfig(data="x.jsonl", epochs=9, max_steps=4), 10) == 4
+
+
+def test_resume_reuses_the_recorded_settings(tiny, trained, tmp_path, capsys, monkeypatch):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    seen = _capture_config(monkeypatch)
+    assert main(["finetune", "--output-dir", str(run), "--resume", "--no-progress"]) == 0
+    saved = T.FinetuneConfig.from_dict(json.loads((run / "run_config.json").read_text()))
+    assert seen["cfg"].trajectory() == saved.trajectory() and seen["cfg"].progress is False
+    monkeypatch.undo()
+    one_line_error(capsys, main(["finetune", "--output-dir", str(run), "--resume", "--lora-r", "4"]),
+                   "--lora-r (8 recorded, 4 now) differs")
+
+
+def _step_losses(path):
+    return {r["step"]: r["loss"] for r in T.MetricsLog.read(path) if "eval" not in r}
+
+
+def test_resume_uses_the_newest_usable_checkpoint(tiny, trained, tmp_path, capsys):
+    import shutil
+    ref = _step_losses(trained / "metrics.jsonl")
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "adapter")
+    # killed after checkpoint-12 was complete but before `latest` named it
+    (run / "checkpoints" / "latest").write_text("checkpoint-10\n")
+    assert main(["finetune", "--output-dir", str(run), "--resume", "--no-eval-before"]) == 0
+    assert "resumed from" in capsys.readouterr().err and _step_losses(run / "metrics.jsonl") == ref
+    # the newest lost a file: skipped (one line saying why), the run continues from checkpoint-10
+    (run / "checkpoints" / "checkpoint-12" / "optimizer.json").unlink()
+    shutil.rmtree(run / "adapter")
+    assert main(["finetune", "--output-dir", str(run), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "--resume: skipped checkpoint-12 (optimizer.json missing)" in err
+    assert "checkpoint-10 at step 10" in err
+    assert _step_losses(run / "metrics.jsonl") == ref      # steps 11 and 12 redone exactly
+    # every checkpoint damaged: refused in one line, nothing restarts from step 0
+    for c in (run / "checkpoints").glob("checkpoint-*"):
+        f = c / "rng.safetensors"
+        f.write_bytes(f.read_bytes()[:30])
+    one_line_error(capsys, main(["finetune", "--output-dir", str(run), "--resume"]),
+                   "holds a run but no usable checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one line for every user error
+
+
+def test_models_that_cannot_be_loaded_fail_in_one_line(tiny, tmp_path, capsys):
+    import shutil
+    bad = tmp_path / "noweights"
+    shutil.copytree(tiny["model"], bad)
+    (bad / "model.safetensors").unlink()
+    one_line_error(capsys, main(ft_args(tiny, tmp_path / "o1", "--max-steps", "1", "--model", str(bad))),
+                   f"--model {bad}: cannot be loaded")
+    w = bad / "model.safetensors"
+    w.write_bytes((pathlib.Path(tiny["model"]) / "model.safetensors").read_bytes()[:5000])
+    one_line_error(capsys, main(["eval", "--model", str(bad), "--data", tiny["eval"]]), f"--model {bad}")
+    fake = tmp_path / "m.gguf"
+    fake.write_bytes(b"GGUF" + b"\0" * 64)
+    one_line_error(capsys, main(["eval", "--model", str(fake), "--data", tiny["eval"]]), str(fake))
+
+
+def test_missing_optional_dependencies_say_what_to_install(tiny, tmp_path, capsys, monkeypatch):
+    import transformers
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    one_line_error(capsys, main(ft_args(tiny, tmp_path / "o", "--report-to", "tensorboard")),
+                   "--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    (tmp_path / "c.yaml").write_text("lr: 1\n")
+    one_line_error(capsys, main(ft_args(tiny, tmp_path / "o", "--config", str(tmp_path / "c.yaml"))),
+                   "pip install pyyaml")
+
+    def needs(*a, **k):
+        raise ImportError("Loading a GGUF checkpoint requires accelerate", name="accelerate")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", needs)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    spec = T.ModelSpec(str(tmp_path), "m.gguf")
+    with pytest.raises(T.MissingDependencyError, match="needs the accelerate package: pip install accelerate"):
+        T.load_quantized_model(spec, T.QuantSettings(), torch.device("cpu"))
+
+
+def test_internal_errors_print_a_traceback_and_ask_for_a_report(monkeypatch, capsys):
+    from qlora_ext import cli
+
+    def boom(a, explicit):
+        raise RuntimeError("an invariant broke")
+    monkeypatch.setitem(cli.COMMANDS, "estimate", boom)
+    assert main(["estimate", "--model", "7B"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an invariant broke" in err and "internal error" in err and "report" in err
+
+
+def test_hub_ids_offline_and_cached(tiny, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hc
+    import shutil
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True, raising=False)
+    one_line_error(capsys, main(["eval", "--model", "nobody-xyz/tiny", "--data", tiny["eval"]]),
+                   "--model nobody-xyz/tiny: not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    repo = tmp_path / "hub" / "models--someorg--tiny"
+    shutil.copytree(tiny["model"], repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    spec = T.resolve_model("someorg/tiny")
+    assert spec.name == "someorg/tiny" and spec.portable_name == "someorg/tiny"
+    assert pathlib.Path(spec.path) == repo / "snapshots" / "abc123"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation during training, TensorBoard, schedulers, packing, strict exact match
+
+
+def test_eval_steps_logging_steps_tensorboard_cosine(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert main(ft_args(tiny, out, "--max-steps", "4", "--eval-steps", "2", "--logging-steps", "2",
+                        "--report-to", "tensorboard", "--lr-scheduler-type", "cosine", "--no-eval-before",
+                        "--warmup-ratio", "0")) == 0
+    recs = T.MetricsLog.read(out / "metrics.jsonl")
+    assert [r["step"] for r in recs if "eval" not in r] == [2, 4]
+    assert [(r["eval"], r["step"]) for r in recs if "eval" in r] == [("step", 2), ("after", 4)]
+    lrs = [r["lr"] for r in recs if "eval" not in r]
+    assert lrs[0] > lrs[1] > 0   # cosine decay (lr logged before each step's update)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    s = json.loads((out / "summary.json").read_text())
+    best = min((r for r in recs if r.get("eval") in ("step", "after")), key=lambda r: r["loss"])
+    assert (s["best_step"], s["best_eval_loss"]) == (best["step"], best["loss"])
+
+
+def test_packed_rows_keep_attention_inside_each_example(tiny):
+    from qlora_ext.data import IGNORE_INDEX, load_examples
+    from qlora_ext.train.data import collate_rows, pack
+    spec = T.resolve_model(tiny["model"])
+    tok = T.load_tokenizer(spec)
+    model = T.load_for_training(spec, T.QuantSettings(), T.LoraSettings(r=4), torch.device("cpu"),
+                                gradient_checkpointing=False)
+    model.eval()
+    feats = [__import__("qlora_ext").data.encode_example(e, tok) for e in load_examples(tiny["train"])[:5]]
+    rows = pack(feats, 10_000, seed=0)
+    assert len(rows) == 1 and len(rows[0]["input_ids"]) == sum(len(f["input_ids"]) for f in feats)
+    with torch.no_grad():
+        packed, n = lm.token_loss(model, collate_rows(rows, 0))
+        sep = [lm.token_loss(model, collate_rows([f], 0)) for f in feats]
+    assert n == sum(c for _, c in sep)
+    torch.testing.assert_close(packed, sum(s for s, _ in sep), rtol=1e-4, atol=1e-4)
+    assert rows[0]["labels"][0] == IGNORE_INDEX
+    assert len(pack(feats, 60, seed=0)) > 1 and all(len(r["input_ids"]) <= 60 or len(r["position_ids"]) ==
+                                                    max(len(f["input_ids"]) for f in feats)
+                                                    for r in pack(feats, 60, seed=0))
+
+
+def test_finetune_with_packing_runs_and_resumes_the_same(tiny, tmp_path):
+    args = ("--max-steps", "4", "--packing", "--no-eval-before", "--batch-size", "2", "--save-steps", "2",
+            "--source-max-len", "64", "--target-max-len", "16")
+    assert main(ft_args(tiny, tmp_path / "a", *args)) == 0
+    a = _step_losses(tmp_path / "a" / "metrics.jsonl")
+    assert len(a) == 4 and all(math.isfinite(v) for v in a.values())
+    import shutil
+    shutil.rmtree(tmp_path / "a" / "adapter")
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "checkpoint-4")
+    assert main(ft_args(tiny, tmp_path / "a", *args, "--resume")) == 0
+    assert _step_losses(tmp_path / "a" / "metrics.jsonl") == a
+
+
+def test_exact_match_is_strict(tiny, trained):
+    """The trained model answers "yes": a reference that is a prefix of that answer does not match (generation
+    does not stop at the reference's length)."""
+    from qlora_ext.data import Example
+    spec = T.resolve_model(tiny["model"])
+    model = T.load_quantized_model(spec, T.QuantSettings(), torch.device("cpu"))
+    T.load_adapter(model, trained / "adapter")
+    tok = T.load_tokenizer(spec)
+    ask = [{"role": "user", "content": "Is it a word?\npen"}]
+    r = lm.evaluate(model, tok, [Example(ask, "yes"), Example(ask, "ye"), Example(ask, "y")], torch.device("cpu"),
+                    target_max_len=16)
+    assert r["exact_match"] == pytest.approx(1 / 3)
+    assert [s["generated"].strip() for s in r["samples"]] == ["yes"] * 3

@@ -69,7 +69,12 @@ def test_chat_messages_and_role_aliases(tmp_path):
     ('{"instruction": "x"}', r"bad\.jsonl:2: field 'output': missing"),
     ('{"instruction": "x", "output": 3}', r"bad\.jsonl:2: field 'output': expected a string, got int"),
     ('{"instruction": "  ", "output": "y"}', r"bad\.jsonl:2: field 'instruction': empty"),
-    ('{"prompt": "x", "completion": "y"}', r"bad\.jsonl:2: record has neither"),
+    ('{"question": "x", "answer": "y"}', r"bad\.jsonl:2: record has none of 'messages'"),
+    ('{"prompt": "x", "completion": 5}', r"bad\.jsonl:2: field 'completion': expected a string, got int"),
+    ('{"prompt": [{"role": "user", "content": "x"}], "completion": "y"}', r"bad\.jsonl:2: field 'prompt'/'completion'"),
+    ('{"text": ""}', r"bad\.jsonl:2: field 'text': empty"),
+    ('{"conversations": [{"from": "human", "value": "x"}, {"from": "gpt"}]}',
+     r"bad\.jsonl:2: field 'conversations\[1\]\.value'"),
     ('[1, 2]', r"bad\.jsonl:2: expected an object, got list"),
     ('{"messages": []}', r"bad\.jsonl:2: field 'messages': expected a non-empty list"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', r"bad\.jsonl:2: field 'messages\[0\]\.role': the last"),
@@ -94,9 +99,9 @@ def test_malformed_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(D.DataError, match=r"empty\.jsonl: no records"):
         D.load_examples(tmp_path / "empty.jsonl")
-    (tmp_path / "obj.json").write_text('{"instruction": "x", "output": "y"}')
-    with pytest.raises(D.DataError, match=r"obj\.json:1: expected a JSON list"):
-        D.load_examples(tmp_path / "obj.json")
+    (tmp_path / "num.json").write_text('42')
+    with pytest.raises(D.DataError, match=r"num\.json:1: expected a JSON array of records \(or JSON lines\)"):
+        D.load_examples(tmp_path / "num.json")
     (tmp_path / "rec.json").write_text('[{"instruction": "x", "output": "y"}, {"instruction": "x"}]')
     with pytest.raises(D.DataError, match=r"rec\.json:record 1: field 'output': missing"):
         D.load_examples(tmp_path / "rec.json")
@@ -104,7 +109,7 @@ def test_malformed_files(tmp_path):
     with pytest.raises(D.DataError, match=r"broken\.json:2: invalid JSON"):
         D.load_examples(tmp_path / "broken.json")
     (tmp_path / "cols.csv").write_text("question,answer\nx,y\n")
-    with pytest.raises(D.DataError, match=r"cols\.csv:1: CSV header has no 'instruction' column"):
+    with pytest.raises(D.DataError, match=r"cols\.csv:1: CSV header has no 'instruction' column and 'output'"):
         D.load_examples(tmp_path / "cols.csv")
     (tmp_path / "cells.csv").write_text("instruction,output\nx,y\na,b,c\n")
     with pytest.raises(D.DataError, match=r"cells\.csv:3: more cells than header columns"):
@@ -270,3 +275,103 @@ def test_group_by_length_reduces_padding():
     grouped = padding(D.BatchPlan(lengths, 8, seed=0, group_by_length=True))
     plain = padding(D.BatchPlan(lengths, 8, seed=0, group_by_length=False))
     assert grouped < 0.2 * plain
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TRL / ShareGPT formats, more file kinds, every assistant turn trained
+
+
+TRL_RECORDS = [{"text": "The sky is blue."},
+               {"prompt": "2+2=", "completion": " 4"},
+               {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello"}]},
+               {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name?"},
+                                  {"from": "gpt", "value": "Bo"}, {"from": "human", "value": "Age?"},
+                                  {"from": "gpt", "value": "3"}]},
+               {"instruction": "Say hi.", "output": "hi", "task": "greet"}]
+
+
+def _check_trl_examples(ex):
+    assert [e.response for e in ex] == ["The sky is blue.", " 4", "Hello", "3", "hi"]
+    assert ex[0].raw_prompt == "" and not ex[0].checkable
+    assert ex[1].raw_prompt == "2+2=" and ex[1].checkable
+    assert ex[2].raw_prompt is None and ex[2].messages == [{"role": "user", "content": "Hi"}]
+    assert [m["role"] for m in ex[3].messages] == ["system", "user", "assistant", "user"]
+    assert ex[4].meta == {"task": "greet"}
+
+
+def test_trl_sharegpt_alpaca_formats_in_every_file_kind(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    _check_trl_examples(D.load_examples(write_jsonl(tmp_path / "d.jsonl", TRL_RECORDS)))
+    # JSON lines saved as .json (datasets' to_json writes that), and a JSON array
+    write_jsonl(tmp_path / "lines.json", TRL_RECORDS)
+    _check_trl_examples(D.load_examples(tmp_path / "lines.json"))
+    (tmp_path / "arr.json").write_text(json.dumps(TRL_RECORDS))
+    _check_trl_examples(D.load_examples(tmp_path / "arr.json"))
+    # parquet and a save_to_disk directory hold one schema per file: one format each
+    chats = [r for r in TRL_RECORDS if "conversations" in r] * 2
+    pq.write_table(pa.Table.from_pylist(chats), str(tmp_path / "c.parquet"))
+    ex = D.load_examples(tmp_path / "c.parquet")
+    assert [e.response for e in ex] == ["3", "3"] and ex[0].messages[2] == {"role": "assistant", "content": "Bo"}
+    datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}] * 3).save_to_disk(str(tmp_path / "ds"))
+    ex = D.load_examples(tmp_path / "ds")
+    assert len(ex) == 3 and ex[0].raw_prompt == "a" and ex[0].response == "b"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "x y"}])}).save_to_disk(str(tmp_path / "dd"))
+    assert D.load_examples(tmp_path / "dd")[0].response == "x y"
+    (tmp_path / "t.csv").write_text("text\nhello there\n")
+    assert D.load_examples(tmp_path / "t.csv")[0].response == "hello there"
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(D.DataError, match="not a datasets directory"):
+        D.load_examples(tmp_path / "plain")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(D.DataError, match=r"bad\.parquet: not a readable parquet file"):
+        D.load_examples(tmp_path / "bad.parquet")
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(D.DataError, match=r"latin1\.jsonl: not UTF-8 text"):
+        D.load_examples(tmp_path / "latin1.jsonl")
+
+
+def test_hub_dataset_name_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(D.DataError, match="nobody-xyz/no-such-set: not a local data file.*HF_HUB_OFFLINE"):
+        D.load_examples("nobody-xyz/no-such-set")
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_every_assistant_turn_is_trained(template, tok, chat_tok):
+    t = chat_tok if template else tok
+    ex = D.parse_record({"messages": [{"role": "user", "content": "Name?"}, {"role": "assistant", "content": "Bo"},
+                                      {"role": "user", "content": "Age?"}, {"role": "assistant", "content": "33"}]}, "x")
+    f = D.encode_example(ex, t)
+    trained = t.decode([i for i, lab in zip(f["input_ids"], f["labels"]) if lab != D.IGNORE_INDEX])
+    assert "Bo" in trained and "33" in trained and "Name?" not in trained and "Age?" not in trained
+    # the whole sequence is the rendered conversation, and the final answer follows n_prompt tokens
+    assert t.decode(f["input_ids"][f["n_prompt"]:], skip_special_tokens=True).strip() == "33"
+    last_only = D.encode_example(ex, t, all_turns=False)
+    assert last_only["input_ids"] == f["input_ids"]
+    assert t.decode([i for i, lab in zip(last_only["input_ids"], last_only["labels"])
+                     if lab != D.IGNORE_INDEX], skip_special_tokens=True).strip() == "33"
+
+
+def test_single_turn_encoding_is_prompt_then_target(tok, chat_tok):
+    """One assistant turn: exactly the prompt tokens (masked) and the target tokens (trained), as before."""
+    for t in (tok, chat_tok):
+        ex = D.parse_record({"instruction": "Sort.", "input": "b, a", "output": "a, b"}, "x")
+        prompt, target = D.prompt_and_target_text(ex, t)
+        f = D.encode_example(ex, t)
+        src = D.encode_prompt(ex.messages, t)
+        assert f["input_ids"][:len(src)] == src and f["n_prompt"] == len(src)
+        assert f["labels"] == [D.IGNORE_INDEX] * len(src) + f["input_ids"][len(src):]
+        assert t.decode(f["input_ids"][len(src):]) == target
+
+
+def test_text_and_completion_records_use_no_template(chat_tok):
+    ex = D.parse_record({"prompt": "2+2=", "completion": "4"}, "x")
+    f = D.encode_example(ex, chat_tok)
+    assert "<|im_start|>" not in chat_tok.decode(f["input_ids"])
+    assert chat_tok.decode(f["input_ids"][f["n_prompt"]:]) == "4" + chat_tok.eos_token
+    t = D.encode_example(D.parse_record({"text": "abc"}, "x"), chat_tok)
+    assert [i for i in t["labels"] if i != D.IGNORE_INDEX] == t["input_ids"][t["n_prompt"]:]
+    assert chat_tok.decode(t["input_ids"][t["n_prompt"]:]) == "abc" + chat_tok.eos_token

@@ -139,7 +139,7 @@ def test_matches_single_process(runs, mode):
 
 
 def test_fsdp_checkpoint_is_sharded(runs):
-    ckpt = runs["fsdp"] / "checkpoints" / f"step-{SAVE:06d}"
+    ckpt = runs["fsdp"] / "checkpoints" / f"checkpoint-{SAVE}"
     shards = sorted(p.name for p in (ckpt / "optimizer").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert {"rng.safetensors", "rng.rank1.safetensors", "adapter_model.safetensors", "trainer_state.json"} <= \

@@ -2,12 +2,16 @@
 position, in safetensors + JSON only (never pickle: a checkpoint is untrusted input), written to a temporary
 directory and renamed into place so a crash mid-save never replaces a good checkpoint with half of one.
 
-Layout of OUTPUT/checkpoints/step-000120/:
+Layout of OUTPUT/checkpoints/checkpoint-120/ (transformers' name, so its get_last_checkpoint finds it):
   adapter_model.safetensors, adapter_config.json   the adapter, in PEFT format (written by the caller)
   optimizer.safetensors + optimizer.json            per-parameter state tensors / param groups and scalars
   rng.safetensors + rng.json                        torch CPU/CUDA generator states / Python, NumPy states
-  trainer_state.json                                step, data position, scheduler state, logged figures
-OUTPUT/checkpoints/latest names the newest complete one.
+  trainer_state.json                                step, data position, scheduler state, logged figures,
+                                                    the hash of the run's trajectory settings
+OUTPUT/checkpoints/latest names the newest complete one; resuming does not depend on it: `newest_usable`
+verifies the checkpoints from the newest down (every file present and readable, config hash matching), so a
+kill between publishing a checkpoint and writing `latest` loses nothing. Runs of earlier versions named their
+checkpoints step-NNNNNN; those are still found.
 
 Distributed runs (qlora_ext.distributed) write the same directory together: rank 0 the adapter (gathered),
 trainer_state.json and rng.*, rank r > 0 its rng.rank<r>.*, and every rank its shards of the adapter and
@@ -20,13 +24,15 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+_NAME = re.compile(r"^(?:checkpoint-(\d+)|step-(\d+))$")
 
 
 class CheckpointError(ValueError):
@@ -142,8 +148,8 @@ def save(ckpt_root, step: int, save_adapter: Callable[[pathlib.Path], None], opt
     writes the sharded optimizer state into the directory it is given); save_adapter is then called on every
     rank too (gathering is collective), and only rank 0 publishes the checkpoint."""
     root = pathlib.Path(ckpt_root)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp"
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".checkpoint-{step}.tmp"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -175,26 +181,110 @@ def save(ckpt_root, step: int, save_adapter: Callable[[pathlib.Path], None], opt
     os.rename(tmp, final)
     _fsync_dir(root)
     write_text_atomic(root / LATEST, final.name + "\n")
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    steps = sorted(list_checkpoints(root), key=checkpoint_step)
     for old in steps[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
+def checkpoint_step(path: pathlib.Path) -> int:
+    m = _NAME.match(pathlib.Path(path).name)
+    if not m:
+        raise CheckpointError(f"{path}: not a checkpoint directory name (checkpoint-N)")
+    return int(m.group(1) or m.group(2))
+
+
+def list_checkpoints(root) -> List[pathlib.Path]:
+    """The checkpoint directories under `root` (complete or not), newest step first."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def is_checkpoint_dir(path: pathlib.Path) -> bool:
+    return bool(_NAME.match(path.name)) or (path / "trainer_state.json").is_file()
+
+
+def _check_json(path: pathlib.Path) -> Dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name} missing") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path.name} unreadable ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path.name} is not a JSON object")
+    return obj
+
+
+def _check_tensors(path: pathlib.Path):
+    from ._io import check_safetensors
+    if not path.is_file():
+        raise CheckpointError(f"{path.name} missing")
+    try:
+        check_safetensors(path)
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path.name} truncated or corrupt") from None
+
+
+def unusable_reason(ckpt: pathlib.Path, config_hash: Optional[str] = None) -> Optional[str]:
+    """Why `ckpt` cannot be resumed from (a short phrase), or None when it is usable: every file present and
+    readable (JSON parsed, safetensors headers consistent with the file sizes) and, when both are known, its
+    config hash equal to `config_hash`."""
+    ckpt = pathlib.Path(ckpt)
+    if not ckpt.is_dir():
+        return "missing"
+    try:
+        state = _check_json(ckpt / "trainer_state.json")
+        if not isinstance(state.get("step"), int) or not isinstance(state.get("scheduler"), dict):
+            raise CheckpointError("trainer_state.json lacks its step or scheduler state")
+        _check_json(ckpt / "adapter_config.json")
+        _check_tensors(ckpt / "adapter_model.safetensors")
+        _check_json(ckpt / "rng.json")
+        _check_tensors(ckpt / "rng.safetensors")
+        if (ckpt / "optimizer").is_dir():
+            if not (ckpt / "optimizer" / ".metadata").is_file():
+                raise CheckpointError("optimizer/.metadata missing")
+        else:
+            _check_json(ckpt / "optimizer.json")
+            _check_tensors(ckpt / "optimizer.safetensors")
+    except CheckpointError as exc:
+        return str(exc)
+    saved = state.get("config_hash")
+    if config_hash is not None and saved is not None and saved != config_hash:
+        return "written with other settings (config hash differs)"
+    return None
+
+
+def newest_usable(root, config_hash: Optional[str] = None
+                  ) -> Tuple[Optional[pathlib.Path], List[Tuple[pathlib.Path, str]]]:
+    """(the newest usable checkpoint under `root` or None, [(newer checkpoint skipped, why)])."""
+    skipped = []
+    for ckpt in list_checkpoints(root):
+        why = unusable_reason(ckpt, config_hash)
+        if why is None:
+            return ckpt, skipped
+        skipped.append((ckpt, why))
+    return None, skipped
+
+
 def find(path) -> pathlib.Path:
-    """The checkpoint directory named by `path`: a checkpoint itself, a checkpoints/ root or an output dir."""
+    """The checkpoint named by `path`: a checkpoint itself, or the newest usable one of a checkpoints/ root or
+    an output dir (whatever `latest` says)."""
     p = pathlib.Path(path)
+    if (p / "trainer_state.json").is_file():
+        return p
     for root in (p, p / "checkpoints"):
-        if (root / "trainer_state.json").is_file():
-            return root
-        latest = root / LATEST
-        if latest.is_file():
-            ckpt = root / latest.read_text().strip()
-            if not (ckpt / "trainer_state.json").is_file():
-                raise CheckpointError(f"{latest} names {ckpt.name}, which is missing or incomplete")
+        ckpt, skipped = newest_usable(root)
+        if ckpt is not None:
             return ckpt
-    raise CheckpointError(f"no checkpoint found in {p} (expected {p / 'checkpoints' / LATEST})")
+        if skipped:
+            raise CheckpointError(f"no usable checkpoint in {root} ("
+                                  + "; ".join(f"{c.name}: {why}" for c, why in skipped) + ")")
+    raise CheckpointError(f"no checkpoint found in {p} (expected {p / 'checkpoints'}/checkpoint-N)")
 
 
 def load(ckpt: pathlib.Path, optimizer, scheduler,
@@ -234,6 +324,6 @@ def load(ckpt: pathlib.Path, optimizer, scheduler,
 
 def latest_step(ckpt_root) -> Optional[int]:
     try:
-        return int(find(ckpt_root).name.split("-")[1])
-    except (CheckpointError, IndexError, ValueError):
+        return checkpoint_step(find(ckpt_root))
+    except CheckpointError:
         return None

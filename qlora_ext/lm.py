@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, Example, collate, encode_all, encode_prompt, pad_id
+from .data import IGNORE_INDEX, Example, collate, encode_all, pad_id
 
 # Model types whose CausalLM is decoder -> lm_head with nothing in between (no logit scaling or soft-capping),
 # so the head may be applied to chosen positions only. Others run their full forward.
@@ -78,12 +78,14 @@ def token_loss(model, batch: Dict[str, torch.Tensor]):
     """(sum of next-token cross-entropies over the labelled positions, number of them), float32."""
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
+    # packed rows (qlora_ext.train.data.pack): position ids restarting per example and no 2-D mask, from which
+    # transformers builds a block-diagonal causal mask (each example attends to itself only)
+    kw = ({"position_ids": batch["position_ids"], "attention_mask": None} if "position_ids" in batch
+          else {"attention_mask": batch["attention_mask"]})
     if plain_head(model):
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             use_cache=False).last_hidden_state[:, :-1]
+        hidden = model.model(input_ids=batch["input_ids"], use_cache=False, **kw).last_hidden_state[:, :-1]
         return head_cross_entropy(model.get_output_embeddings(), hidden[mask], labels[mask]), int(mask.sum())
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits[:, :-1][mask]
+    logits = model(input_ids=batch["input_ids"], use_cache=False, **kw).logits[:, :-1][mask]
     return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), int(mask.sum())
 
 
@@ -201,15 +203,19 @@ def _loss_and_greedy(model, prompts, targets, limits, eos: List[int], pad: int, 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], device, source_max_len: int = 1024,
              target_max_len: int = 256, batch_size: int = 32, with_generation: bool = True) -> Dict:
-    """Held-out loss and perplexity over the answer tokens, and exact match of greedy answers (generation
-    stops after as many tokens as the reference answer has: a longer answer cannot match), overall and per
-    task (records with a 'task' field)."""
+    """Held-out loss and perplexity over the answer tokens, and strict exact match of greedy answers: an
+    answer counts only when the generated text, stripped of surrounding whitespace, equals the reference;
+    generation stops at end-of-sequence or after twice the reference's length + 16 tokens, at most
+    target_max_len (not at the reference's length, so an answer that goes on cannot match). Overall and per task (records with a 'task' field); records without an
+    answer to check (`text` records) count in the loss only."""
     was_training = model.training
     model.eval()
-    feats = encode_all(examples, tokenizer, source_max_len, target_max_len)
-    prompts = [encode_prompt(e.messages, tokenizer, source_max_len) for e in examples]
-    targets = [f["input_ids"][len(p):] for f, p in zip(feats, prompts)]
+    feats = encode_all(examples, tokenizer, source_max_len, target_max_len, all_turns=False)
+    prompts = [f["input_ids"][:f["n_prompt"]] for f in feats]
+    targets = [f["input_ids"][f["n_prompt"]:] for f in feats]
     pad, eos = pad_id(tokenizer), _eos_ids(model, tokenizer)
+    # generous: an answer still going after twice the reference's length + 16 tokens cannot equal it
+    limits = [min(target_max_len, 2 * len(t) + 16) if e.checkable else 1 for t, e in zip(targets, examples)]
     order = sorted(range(len(examples)), key=lambda i: len(feats[i]["input_ids"]))
     total, count = 0.0, 0
     answers: List[Optional[str]] = [None] * len(examples)
@@ -217,7 +223,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], device, source_max_l
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
         res = _loss_and_greedy(model, [prompts[i] for i in idx], [targets[i] for i in idx],
-                               [len(targets[i]) for i in idx], eos, pad, device) if shared else None
+                               [limits[i] for i in idx], eos, pad, device) if shared else None
         if res is None:   # separate passes: teacher-forced loss, then transformers' generate
             shared = False
             batch = {n: t.to(device) for n, t in collate([feats[i] for i in idx], pad).items()}
@@ -225,8 +231,8 @@ def evaluate(model, tokenizer, examples: Sequence[Example], device, source_max_l
                 s, c = token_loss(model, batch)
             total, count = total + float(s), count + c
             if with_generation:
-                texts = generate(model, tokenizer, [prompts[i] for i in idx], [len(targets[i]) for i in idx],
-                                 device, batch_size=len(idx))
+                texts = generate(model, tokenizer, [prompts[i] for i in idx], [limits[i] for i in idx], device,
+                                 batch_size=len(idx))
                 for i, t in zip(idx, texts):
                     answers[i] = t
             continue
@@ -239,10 +245,11 @@ def evaluate(model, tokenizer, examples: Sequence[Example], device, source_max_l
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "examples": len(examples)}
     if not with_generation:
         return result
-    hits = [exact_match(a, e.response) for a, e in zip(answers, examples)]
-    result["exact_match"] = sum(hits) / len(hits)
+    checked = [(a, e) for a, e in zip(answers, examples) if e.checkable]
+    hits = [exact_match(a, e.response) for a, e in checked]
+    result["exact_match"] = sum(hits) / len(hits) if hits else None
     tasks: Dict[str, List[bool]] = {}
-    for e, h in zip(examples, hits):
+    for (_, e), h in zip(checked, hits):
         if "task" in e.meta:
             tasks.setdefault(str(e.meta["task"]), []).append(h)
     if tasks:
