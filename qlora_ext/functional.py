@@ -125,6 +125,8 @@ class QuantState:
         nblocks = -(-n // blocksize)
         nested = "nested_offset" in meta or prefix + "nested_absmax" in d
         absmax = _get(d, prefix + "absmax", torch.uint8 if nested else torch.float32, (nblocks,))
+        if not nested:
+            _check_finite(absmax, prefix + "absmax")
         code = _get(d, prefix + "quant_map", torch.float32, (16,))
         if not torch.equal(code.cpu(), get_code(quant_type)):
             raise ValueError(f"{prefix}quant_map: not the standard {quant_type} code")
@@ -139,10 +141,13 @@ class QuantState:
             if not isinstance(off, (int, float)) or isinstance(off, bool) or not math.isfinite(off):
                 raise ValueError(f"{qs_key}: nested_offset {off!r} must be a finite number")
             nested_absmax = _get(d, prefix + "nested_absmax", torch.float32, (-(-nblocks // nbs),))
-            if not torch.isfinite(nested_absmax).all():
-                raise ValueError(f"{prefix}nested_absmax: contains NaN or Inf")
+            _check_finite(nested_absmax, prefix + "nested_absmax")
+            nested_code = _get(d, prefix + "nested_quant_map", torch.float32, (256,))
+            _check_finite(nested_code, prefix + "nested_quant_map")
+            if not math.isfinite(float(torch.tensor(off, dtype=torch.float32))):
+                raise ValueError(f"{qs_key}: nested_offset {off!r} overflows float32")
             kw = dict(offset=torch.tensor(off, dtype=torch.float32), nested_absmax=nested_absmax,
-                      nested_code=_get(d, prefix + "nested_quant_map", torch.float32, (256,)), nested_blocksize=nbs)
+                      nested_code=nested_code, nested_blocksize=nbs)
         state = cls(absmax, shape, dtype, blocksize, quant_type, code=code, **kw)
         return state.to(device) if device is not None else state
 
@@ -159,6 +164,14 @@ def _get(d, key, dtype, shape) -> torch.Tensor:
         got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{key}: expected {dtype} of shape {list(shape)}, got {got}")
     return t.contiguous()
+
+
+def _check_finite(t: torch.Tensor, key: str) -> None:
+    """Scales feed every dequantized weight: one NaN or Inf poisons a whole block (or 256 of them)."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{key}: entry {i} is {float(t[i])}; quantization scales must be finite")
 
 
 def _parse_quant_json(t, key) -> dict:
@@ -276,8 +289,9 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
 
 def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
                        blocksize: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization of float32 `A` with a sorted 256-entry map (default: signed dynamic).
-    Returns (uint8 codes shaped like A, float32 absmax per block)."""
+    """8-bit blockwise quantization of `A` (float32, float16 or bfloat16, as bitsandbytes accepts; 16-bit
+    input gives the codes of its exact float32 values) with a sorted 256-entry map (default: signed
+    dynamic). Returns (uint8 codes shaped like A, float32 absmax per block)."""
     if code is None:
         code = get_code("dynamic_signed", A.device)
     return ops.quantize_8bit(A, code, blocksize)
