@@ -247,10 +247,25 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
         + state.offset.to(state.absmax.device)
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The float tensor of `state.shape` and `state.dtype` (or written into `out`, any float dtype)."""
+def _check_state(packed, state) -> None:
+    """The packed bytes and scales must fit the state's shape (ValueError before anything is allocated from
+    the shape: a QuantState claiming a huge shape over small buffers is bad input, not an allocator error)."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
+    n = state.numel
+    nbytes = packed.numel() * packed.element_size()
+    if nbytes != (n + 1) // 2:
+        raise ValueError(f"the packed weight has {nbytes} bytes but shape {list(state.shape)} needs {(n + 1) // 2}")
+    if state.absmax.numel() != state.nblocks:
+        raise ValueError(f"absmax has {state.absmax.numel()} entries but shape {list(state.shape)} in blocks of "
+                         f"{state.blocksize} has {state.nblocks}")
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The float tensor of `state.shape` and `state.dtype` (or written into `out`, any float dtype)."""
+    _check_state(packed, state)
     nested = state.nested
     args = (packed.reshape(-1), state.absmax, state.nested_absmax if nested else None,
             state.nested_code if nested else None, state.offset_value,
@@ -272,8 +287,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     above that; CUDA: a
     GEMV for M <= 4, a tensor-core kernel up to 64 rows, dequantize + cuBLAS above.
     """
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    _check_state(packed, state)
     if len(state.shape) != 2:
         raise ValueError(f"matmul_4bit needs a 2-D [N, K] weight, got shape {list(state.shape)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -292,9 +306,19 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
     """8-bit blockwise quantization of `A` (float32, float16 or bfloat16, as bitsandbytes accepts; 16-bit
     input gives the codes of its exact float32 values) with a sorted 256-entry map (default: signed
     dynamic). Returns (uint8 codes shaped like A, float32 absmax per block)."""
+    if not isinstance(A, torch.Tensor) or A.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"quantize_blockwise takes a float32, float16 or bfloat16 tensor, got "
+                        f"{A.dtype if isinstance(A, torch.Tensor) else type(A).__name__}")
+    if not _is_int(blocksize) or not 0 < blocksize <= 1 << 31:
+        raise ValueError(f"blocksize must be an integer in [1, 2**31], got {blocksize!r}")
     if code is None:
         code = get_code("dynamic_signed", A.device)
-    return ops.quantize_8bit(A, code, blocksize)
+    try:
+        return ops.quantize_8bit(A, code, blocksize)
+    except RuntimeError as exc:
+        if "NaN or Inf" in str(exc):
+            raise ValueError(str(exc).split("\n")[0]) from None
+        raise
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: Optional[torch.Tensor] = None,
