@@ -5,14 +5,15 @@ kill -9 inside checkpoint writing loses nothing that --resume cannot restore.
   One worker process imports torch and qlora_ext once, then runs every case in its own forked child (a crash
   in a kernel kills only that child: its signal is the case's failure). Each case must raise the expected
   exception class with a one-line message naming the problem.
-* CLI cases: `python -m qlora_ext ...` in a subprocess each: a non-zero exit, one line on stderr
-  `qlora-ext...: error: ...` naming the problem, no traceback.
+* CLI cases: `python -m qlora_ext ...` in a subprocess each: a non-zero exit, the failure as one line on
+  stderr `qlora-ext...: error: ...` naming the problem (after any status lines), no traceback.
 * Fault injection: kill -9 at points inside checkpoint writing (os.fsync / os.replace / os.rename calls, as a
   sitecustomize hook sees them), then --resume: the losses equal the uninterrupted run's.
 """
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +118,10 @@ LIBRARY_CASES = [
      ["[3, 65]", "[32, 64]"]),
     ("matmul_4bit: truncated packed weight", "F.matmul_4bit(torch.randn(3, 64), packed[:-1], st)", ValueError,
      ["packed weight has"]),
+    ("dequantize_4bit: nested_absmax too short",
+     "s = F.QuantState(st_dq.absmax, st_dq.shape, torch.float32, 64, 'nf4', offset=st_dq.offset, "
+     "nested_absmax=torch.ones(0), nested_code=st_dq.nested_code); F.dequantize_4bit(packed_dq, s)", ValueError,
+     ["nested_absmax has 0 entries"]),
     ("dequantize_4bit: out too small", "F.dequantize_4bit(packed, st, out=torch.empty(7))", ValueError,
      ["out must be contiguous"]),
     # ---- QuantState.from_dict: untrusted checkpoints ----
@@ -306,9 +311,9 @@ def _ft(*extra):
             "--lora-r", "4", "--max-steps", "2", "--no-progress", "--no-eval-before", *extra]
 
 
-def _model_dir(files):
-    """A model directory holding the fixture's config.json and `files`."""
-    return {"m/config.json": "@config", **{f"m/{k}": v for k, v in files.items()}}
+def _model_dir(name, files):
+    """A model directory `name` holding the fixture's config and tokenizer (not its weights) and `files`."""
+    return {f"{name}/": "@fixture-without-weights", **{f"{name}/{k}": v for k, v in files.items()}}
 
 
 # Cases the current CLI already handles: one line, non-zero exit, no traceback.
@@ -326,17 +331,18 @@ PASSING_CLI_CASES = [
 CLI_CASES = [
     ("non-UTF-8 data file", _ft("--data", "{tmp}/latin1.jsonl"),
      {"latin1.jsonl": b'{"instruction": "caf\xe9", "input": "", "output": "x"}\n'}, ["latin1.jsonl"]),
-    ("model dir without weights", _ft("--model", "{tmp}/m"), _model_dir({}), ["m"]),
-    ("model dir with pickle weights", _ft("--model", "{tmp}/m"), _model_dir({"pytorch_model.bin": b"\x80\x04junk"}),
-     ["pytorch_model.bin"]),
-    ("model dir with a truncated safetensors", _ft("--model", "{tmp}/m"),
-     _model_dir({"model.safetensors": "@truncated"}), ["model.safetensors"]),
+    ("model dir without weights", _ft("--model", "{tmp}/noweights"), _model_dir("noweights", {}), ["noweights"]),
+    ("model dir with pickle weights", _ft("--model", "{tmp}/pickled"),
+     _model_dir("pickled", {"pytorch_model.bin": b"\x80\x04junk"}), ["pickled"]),
+    ("model dir with a truncated safetensors", _ft("--model", "{tmp}/cut"),
+     _model_dir("cut", {"model.safetensors": "@truncated"}), ["cut", "model.safetensors"]),
     ("--lr nan", _ft("--lr", "nan"), {}, ["--lr"]),
     ("--lr inf", _ft("--lr", "inf"), {}, ["--lr"]),
     ("--lora-alpha nan", _ft("--lora-alpha", "nan"), {}, ["--lora-alpha"]),
     ("--max-grad-norm nan", _ft("--max-grad-norm", "nan"), {}, ["--max-grad-norm"]),
     ("--target-modules matching nothing", _ft("--target-modules", "no_such_layer"), {}, ["no_such_layer"]),
-    ("unwritable output dir", _ft("--output-dir", "{tmp}/ro/out"), {"ro/": "@readonly"}, ["ro"]),
+    # a regular file where a parent directory should be: unwritable for every user, root included
+    ("unwritable output dir", _ft("--output-dir", "{tmp}/ro/out"), {"ro": "not a directory"}, ["ro"]),
     ("garbage resume state", _ft("--output-dir", "{tmp}/run", "--resume"), {"run/": "@garbage-run"}, ["run"]),
     ("eval with a wrong-shape adapter", ["eval", "--model", "{model}", "--data", "{data}", "--adapter", "{tmp}/ad"],
      {"ad/": "@adapter-wrong-shape"}, ["lora_A"]),
@@ -355,13 +361,15 @@ def _make_files(tmp: pathlib.Path, files: dict, env: dict):
             p.mkdir(parents=True, exist_ok=True)
         else:
             p.parent.mkdir(parents=True, exist_ok=True)
-        if content == "@config":
-            p.write_bytes((fixture / "config.json").read_bytes())
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        elif content == "@fixture-without-weights":
+            for f in fixture.iterdir():
+                if f.is_file() and f.name != "model.safetensors":
+                    (p / f.name).write_bytes(f.read_bytes())
         elif content == "@truncated":
             b = (fixture / "model.safetensors").read_bytes()
             p.write_bytes(b[:len(b) // 2])
-        elif content == "@readonly":
-            os.chmod(p, 0o500)
         elif content == "@garbage-run":
             # a run directory with state files a resume would read, all garbage
             (p / "run_config.json").write_bytes(b"\x00garbage")
@@ -374,7 +382,6 @@ def _make_files(tmp: pathlib.Path, files: dict, env: dict):
             (ck / "optimizer.safetensors").write_bytes(b"garbage")
         elif content.startswith("@adapter"):
             import qlora_ext as Q
-            from transformers import AutoModelForCausalLM
             m = Q.add_lora(Q.load_quantized(str(fixture), Q.QLoRAConfig()), r=4)
             Q.save_adapter(m, p)
             w = p / "adapter_model.safetensors"
@@ -388,7 +395,7 @@ def _make_files(tmp: pathlib.Path, files: dict, env: dict):
                 t[k] = torch.zeros(t[k].shape[0] + 1, t[k].shape[1])
                 save_file(t, str(w), metadata={"format": "pt"})
         else:
-            p.write_bytes(content if isinstance(content, bytes) else content.encode())
+            p.write_text(content)
 
 
 def _run_cli(cli_env, tmp_path, argv, files):
@@ -396,24 +403,20 @@ def _run_cli(cli_env, tmp_path, argv, files):
     subst = {"model": str(cli_env["model"]), "data": str(cli_env["data"]), "tmp": str(tmp_path)}
     argv = [a.format(**subst) for a in argv]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    try:
-        return subprocess.run([sys.executable, "-m", "qlora_ext", *argv], capture_output=True, text=True,
-                              errors="replace", env=env, cwd=tmp_path, timeout=300)
-    finally:
-        for p in tmp_path.rglob("*"):  # let pytest clean up read-only directories
-            if p.is_dir():
-                os.chmod(p, 0o700)
+    return subprocess.run([sys.executable, "-m", "qlora_ext", *argv], capture_output=True, text=True,
+                          errors="replace", env=env, cwd=tmp_path, timeout=300)
 
 
 def _check_one_line_error(r, needles):
     err = r.stderr.strip()
     assert r.returncode not in (0, None) and r.returncode > 0, f"exit {r.returncode}: {err[-2000:]}"
     assert "Traceback" not in err, err[-3000:]
+    # status lines printed before the failure are fine; the failure itself is one line, the last one
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err[-3000:]
-    assert lines[0].startswith("qlora-ext") and "error:" in lines[0], lines[0]
+    errors = [ln for ln in lines if re.match(r"qlora-ext[\w -]*: error: ", ln)]
+    assert len(errors) == 1 and lines[-1] == errors[0], err[-3000:]
     for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in: {lines[0]}"
+        assert needle in errors[0], f"{needle!r} not in: {errors[0]}"
 
 
 @pytest.mark.parametrize("name,argv,files,needles", PASSING_CLI_CASES, ids=[c[0] for c in PASSING_CLI_CASES])
@@ -425,8 +428,6 @@ def test_cli_bad_input(cli_env, tmp_path, name, argv, files, needles):
                                        "PASSING_CLI_CASES after merging it")
 @pytest.mark.parametrize("name,argv,files,needles", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_input_fixed_by_cli_branch(cli_env, tmp_path, name, argv, files, needles):
-    if name == "unwritable output dir" and os.geteuid() == 0:
-        pytest.fail("root ignores directory permissions: the case cannot be set up here")
     _check_one_line_error(_run_cli(cli_env, tmp_path, argv, files), needles)
 
 
@@ -495,7 +496,7 @@ def test_kill_9_inside_checkpoint_writing_then_resume(cli_env, tmp_path):
     # must continue from it (or a later one), never start again from step 0
     after = [int(i) for i, _, step in calls if int(step) >= 3]
     assert len(after) >= 3, calls
-    points = sorted({after[0], after[len(after) // 2], after[-1]})
+    points = sorted({after[0], after[len(after) // 2]})  # two points keep the test short (5 runs of the CLI)
     for k in points:
         out = tmp_path / f"killed-{k}"
         r = run(out, QX_FAULT_KILL_AT=str(k))

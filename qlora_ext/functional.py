@@ -261,6 +261,12 @@ def _check_state(packed, state) -> None:
     if state.absmax.numel() != state.nblocks:
         raise ValueError(f"absmax has {state.absmax.numel()} entries but shape {list(state.shape)} in blocks of "
                          f"{state.blocksize} has {state.nblocks}")
+    if state.nested:
+        nb = state.nested_blocksize
+        need = -(-state.nblocks // nb) if 0 < nb <= 1 << 31 else -1
+        if state.nested_absmax.numel() != need:
+            raise ValueError(f"nested_absmax has {state.nested_absmax.numel()} entries but {state.nblocks} blocks "
+                             f"in nested blocks of {nb} need {need}")
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: Optional[torch.Tensor] = None) -> torch.Tensor:
