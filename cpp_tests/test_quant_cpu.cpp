@@ -86,6 +86,7 @@ Ref4 ref_quantize4(const std::vector<float>& x, int64_t bs, QuantType qt) {
       r.packed[i / 2] |= (i % 2 == 0) ? uint8_t(nib << 4) : nib;
     }
   }
+  if (n % 2) r.packed[n / 2] |= ref_nibble(qt, 0.0f);  // the element past the end is 0.0 (bitsandbytes' CUDA)
   return r;
 }
 

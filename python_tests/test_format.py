@@ -135,5 +135,5 @@ def test_corrupted_entries_raise_errors_naming_the_key(bnb):
 def test_truncated_packed_weight_is_rejected(bnb):
     name = "model.layers.0.self_attn.q_proj.weight"
     state = F.QuantState.from_dict(bnb, prefix=name + ".")
-    with pytest.raises(RuntimeError, match="packed weight has"):
+    with pytest.raises(ValueError, match="packed weight has"):
         F.dequantize_4bit(bnb[name][:-1], state)

@@ -62,7 +62,8 @@ def _dequantize_4bit_out_fake(packed, absmax, nested_absmax, nested_code, offset
 
 @torch.library.register_fake("qlora_ext::quantize_8bit")
 def _quantize_8bit_fake(A, code, blocksize):
-    torch._check(A.dtype == torch.float32, lambda: f"8-bit quantization takes float32, got {A.dtype}")
+    torch._check(A.dtype in FLOAT_DTYPES, lambda: f"8-bit quantization takes float32, float16 or bfloat16, "
+                                                  f"got {A.dtype}")
     torch._check(blocksize > 0, lambda: "blocksize must be positive")
     return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((-(-A.numel() // blocksize),), dtype=torch.float32)
 

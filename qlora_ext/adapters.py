@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import _io
-from .nn import Linear4bit, LoraLinear4bit
+from .nn import Linear4bit, LoraLinear4bit, check_lora_args
 
 __all__ = ["add_lora", "set_adapter", "print_trainable_parameters", "save_adapter", "load_adapter"]
 
@@ -109,7 +109,9 @@ def add_lora(model: nn.Module, r: int = 64, lora_alpha: float = 16, lora_dropout
              target_modules: Union[str, List[str]] = "all-linear", use_rslora: bool = False,
              adapter_name: str = "default") -> nn.Module:
     """Adds a LoRA adapter named `adapter_name` to the targeted 4-bit layers (default: all of them, the QLoRA
-    paper's finding), makes it active, and freezes everything else. Returns the model."""
+    paper's finding), makes it active, and freezes everything else. Returns the model. Arguments are
+    validated before the model is touched (ValueError naming the bad one)."""
+    check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
     names = _resolve_targets(model, target_modules)
     layers = _lora_layers(model)
     clash = [n for n in names if n in layers and adapter_name in layers[n].adapters]

@@ -12,6 +12,7 @@ rest of a checkpoint).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List
@@ -161,9 +162,18 @@ def run(wrapped: nn.Module, fn: Callable, *args, **kwargs):
     return wrapped(fn, *args, **kwargs)
 
 
+def check_max_norm(max_norm) -> None:
+    """A gradient-clipping norm must be a finite positive number (ValueError naming the value otherwise)."""
+    if (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm)
+            or max_norm <= 0):
+        raise ValueError(f"max_grad_norm must be a finite positive number, got {max_norm!r}")
+
+
 def clip_grad_norm(params, max_norm: float) -> float:
     """torch's clip_grad_norm_; under FSDP2 the gradients are sharded DTensors and the norm is a DTensor whose
-    full value needs one all-reduce."""
+    full value needs one all-reduce. A NaN, infinite or non-positive max_norm raises ValueError (torch would
+    write NaN into every gradient, or clip nothing)."""
+    check_max_norm(max_norm)
     total = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return float(total.full_tensor() if hasattr(total, "full_tensor") else total)
 

@@ -125,6 +125,8 @@ class QuantState:
         nblocks = -(-n // blocksize)
         nested = "nested_offset" in meta or prefix + "nested_absmax" in d
         absmax = _get(d, prefix + "absmax", torch.uint8 if nested else torch.float32, (nblocks,))
+        if not nested:
+            _check_finite(absmax, prefix + "absmax")
         code = _get(d, prefix + "quant_map", torch.float32, (16,))
         if not torch.equal(code.cpu(), get_code(quant_type)):
             raise ValueError(f"{prefix}quant_map: not the standard {quant_type} code")
@@ -139,10 +141,13 @@ class QuantState:
             if not isinstance(off, (int, float)) or isinstance(off, bool) or not math.isfinite(off):
                 raise ValueError(f"{qs_key}: nested_offset {off!r} must be a finite number")
             nested_absmax = _get(d, prefix + "nested_absmax", torch.float32, (-(-nblocks // nbs),))
-            if not torch.isfinite(nested_absmax).all():
-                raise ValueError(f"{prefix}nested_absmax: contains NaN or Inf")
+            _check_finite(nested_absmax, prefix + "nested_absmax")
+            nested_code = _get(d, prefix + "nested_quant_map", torch.float32, (256,))
+            _check_finite(nested_code, prefix + "nested_quant_map")
+            if not math.isfinite(float(torch.tensor(off, dtype=torch.float32))):
+                raise ValueError(f"{qs_key}: nested_offset {off!r} overflows float32")
             kw = dict(offset=torch.tensor(off, dtype=torch.float32), nested_absmax=nested_absmax,
-                      nested_code=_get(d, prefix + "nested_quant_map", torch.float32, (256,)), nested_blocksize=nbs)
+                      nested_code=nested_code, nested_blocksize=nbs)
         state = cls(absmax, shape, dtype, blocksize, quant_type, code=code, **kw)
         return state.to(device) if device is not None else state
 
@@ -159,6 +164,14 @@ def _get(d, key, dtype, shape) -> torch.Tensor:
         got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{key}: expected {dtype} of shape {list(shape)}, got {got}")
     return t.contiguous()
+
+
+def _check_finite(t: torch.Tensor, key: str) -> None:
+    """Scales feed every dequantized weight: one NaN or Inf poisons a whole block (or 256 of them)."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{key}: entry {i} is {float(t[i])}; quantization scales must be finite")
 
 
 def _parse_quant_json(t, key) -> dict:
@@ -234,10 +247,31 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
         + state.offset.to(state.absmax.device)
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The float tensor of `state.shape` and `state.dtype` (or written into `out`, any float dtype)."""
+def _check_state(packed, state) -> None:
+    """The packed bytes and scales must fit the state's shape (ValueError before anything is allocated from
+    the shape: a QuantState claiming a huge shape over small buffers is bad input, not an allocator error)."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
+    n = state.numel
+    nbytes = packed.numel() * packed.element_size()
+    if nbytes != (n + 1) // 2:
+        raise ValueError(f"the packed weight has {nbytes} bytes but shape {list(state.shape)} needs {(n + 1) // 2}")
+    if state.absmax.numel() != state.nblocks:
+        raise ValueError(f"absmax has {state.absmax.numel()} entries but shape {list(state.shape)} in blocks of "
+                         f"{state.blocksize} has {state.nblocks}")
+    if state.nested:
+        nb = state.nested_blocksize
+        need = -(-state.nblocks // nb) if 0 < nb <= 1 << 31 else -1
+        if state.nested_absmax.numel() != need:
+            raise ValueError(f"nested_absmax has {state.nested_absmax.numel()} entries but {state.nblocks} blocks "
+                             f"in nested blocks of {nb} need {need}")
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The float tensor of `state.shape` and `state.dtype` (or written into `out`, any float dtype)."""
+    _check_state(packed, state)
     nested = state.nested
     args = (packed.reshape(-1), state.absmax, state.nested_absmax if nested else None,
             state.nested_code if nested else None, state.offset_value,
@@ -259,8 +293,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     above that; CUDA: a
     GEMV for M <= 4, a tensor-core kernel up to 64 rows, dequantize + cuBLAS above.
     """
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    _check_state(packed, state)
     if len(state.shape) != 2:
         raise ValueError(f"matmul_4bit needs a 2-D [N, K] weight, got shape {list(state.shape)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -276,11 +309,22 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
 
 def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
                        blocksize: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization of float32 `A` with a sorted 256-entry map (default: signed dynamic).
-    Returns (uint8 codes shaped like A, float32 absmax per block)."""
+    """8-bit blockwise quantization of `A` (float32, float16 or bfloat16, as bitsandbytes accepts; 16-bit
+    input gives the codes of its exact float32 values) with a sorted 256-entry map (default: signed
+    dynamic). Returns (uint8 codes shaped like A, float32 absmax per block)."""
+    if not isinstance(A, torch.Tensor) or A.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"quantize_blockwise takes a float32, float16 or bfloat16 tensor, got "
+                        f"{A.dtype if isinstance(A, torch.Tensor) else type(A).__name__}")
+    if not _is_int(blocksize) or not 0 < blocksize <= 1 << 31:
+        raise ValueError(f"blocksize must be an integer in [1, 2**31], got {blocksize!r}")
     if code is None:
         code = get_code("dynamic_signed", A.device)
-    return ops.quantize_8bit(A, code, blocksize)
+    try:
+        return ops.quantize_8bit(A, code, blocksize)
+    except RuntimeError as exc:
+        if "NaN or Inf" in str(exc):
+            raise ValueError(str(exc).split("\n")[0]) from None
+        raise
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: Optional[torch.Tensor] = None,

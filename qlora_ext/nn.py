@@ -201,6 +201,20 @@ class Linear4bit(nn.Module):
                 f"{fmt}, compute_dtype={self.compute_dtype}")
 
 
+def check_lora_args(r, lora_alpha, lora_dropout, use_rslora=False) -> None:
+    """LoRA hyperparameters as they enter (add_lora, add_adapter): ValueError naming the bad one. NaN / Inf
+    alpha or dropout would silently train nothing (or NaN)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    if (not isinstance(lora_dropout, (int, float)) or isinstance(lora_dropout, bool)
+            or not 0.0 <= lora_dropout < 1.0):
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"use_rslora must be a bool, got {use_rslora!r}")
+
+
 class LoraLinear4bit(Linear4bit):
     """Linear4bit plus LoRA adapters: y = W4 x + b + scaling * B(A(dropout(x))) for the active adapter.
 
@@ -245,12 +259,7 @@ class LoraLinear4bit(Linear4bit):
             raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
-        if not isinstance(lora_alpha, (int, float)) or isinstance(lora_alpha, bool) or not math.isfinite(lora_alpha):
-            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
         if lora_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"lora_dtype must be a float dtype, got {lora_dtype}")
         device = self.weight.device

@@ -210,6 +210,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         todo = []
         for group in self.param_groups:
+            _check_hparams(type(self).__name__, {k: v for k, v in group.items() if k != "params"})
             for p in group["params"]:
                 if p.grad is not None:
                     self._check_param(_local(p), _local(p.grad))
@@ -313,19 +314,25 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
 
 def _check_hparams(name: str, h: dict) -> None:
-    """torch.optim.AdamW's argument checks, plus the options these optimizers do not implement."""
-    lr = h.get("lr", 0.0)
-    lr = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
-    if not isinstance(lr, (int, float)) or not lr >= 0.0:
-        raise ValueError(f"{name}: invalid learning rate {lr!r}")
-    if "eps" in h and not (isinstance(h["eps"], (int, float)) and h["eps"] >= 0.0):
-        raise ValueError(f"{name}: invalid epsilon value {h['eps']!r}")
+    """torch.optim.AdamW's argument checks, made strict about NaN / Inf (torch accepts lr=inf, eps=inf and
+    weight_decay=inf and then writes NaN into the parameters), plus the options these optimizers do not
+    implement. Run at construction, on load_state_dict and before every step (a scheduler or the user may
+    change a group's values)."""
+    def finite(v) -> bool:
+        v = float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0.0
+
+    if not finite(h.get("lr", 0.0)):
+        raise ValueError(f"{name}: invalid learning rate {h.get('lr')!r}, must be a finite number >= 0")
+    if "eps" in h and not finite(h["eps"]):
+        raise ValueError(f"{name}: invalid epsilon value {h['eps']!r}, must be a finite number >= 0")
     betas = h.get("betas", (0.9, 0.999))
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"{name}: invalid betas {tuple(betas)!r}, each must be in [0, 1)")
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(finite(b) and float(b) < 1.0 for b in betas)):
+        raise ValueError(f"{name}: invalid betas {betas!r}, must be two numbers in [0, 1)")
     wd = h.get("weight_decay", 0.0)
-    if not isinstance(wd, (int, float)) or not wd >= 0.0:
-        raise ValueError(f"{name}: invalid weight_decay value {wd!r}")
+    if not finite(wd):
+        raise ValueError(f"{name}: invalid weight_decay value {wd!r}, must be a finite number >= 0")
     for flag in ("amsgrad", "maximize", "capturable", "differentiable"):
         if h.get(flag):
             raise ValueError(f"{name}: {flag}=True is not supported")

@@ -39,9 +39,9 @@ def quantize_4bit_ref(w: torch.Tensor, blocksize: int = 64, quant_type: str = "n
         order = torch.argsort(mags)
         rank = (s.abs()[..., None] > _thresholds(mags[order])).sum(-1)
         idx = order[rank] | torch.where(s < 0, 8, 0)
-    idx = idx.reshape(-1)[:n].to(torch.uint8)
-    if n % 2:
-        idx = torch.cat([idx, torch.zeros(1, dtype=torch.uint8)])
+    # An odd count keeps one element past the end: 0.0 of the last block, quantized like the others (the
+    # zero padding of _blocks), as bitsandbytes' CUDA kernels load it: NF4 0b0111, FP4 0b0000.
+    idx = idx.reshape(-1)[:n + n % 2].to(torch.uint8)
     packed = (idx[0::2] << 4) | idx[1::2]
     return packed.view(-1, 1), absmax
 

@@ -49,7 +49,7 @@ const Tables& tables() {
   return t;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // no overflow for huge b
 
 constexpr int64_t kStreamBytes = int64_t(32) << 20;
 
@@ -380,7 +380,9 @@ Status quantize_4bit_cpu(const void* A, DType dtype, int64_t n, int64_t bs, Quan
           nib[j] = quantize_nibble(qt, amax == 0.0f ? 0.0f : v);
         }
       }
-      if (len & 1) nib[len] = 0;
+      // An odd element count: the element past the end is quantized as 0.0 with this block's scale, as
+      // bitsandbytes' CUDA kernels load it (NF4: 0b0111, FP4: 0b0000).
+      if (len & 1) nib[len] = quantize_nibble(qt, 0.0f);
       // blocks are even-sized so every block starts on a byte boundary
       for (int j = 0; j < len; j += 2) packed[(e0 + j) >> 1] = uint8_t((nib[j] << 4) | nib[j + 1]);
     }

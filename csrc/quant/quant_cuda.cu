@@ -234,11 +234,9 @@ __global__ void __launch_bounds__(kThreads)
         const float r = __frcp_rn(m);
         uint32_t word = 0;  // element 2j -> high nibble of byte j; bytes little-endian in the word
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (start + j < n) {
-            const float s = zero ? 0.0f : __fmul_rn(v[c][j], r);
-            word |= encode_nibble<MODE>(s, s_tab, thr.fp4_rank_to_code) << (8 * (j >> 1) + ((j & 1) ? 0 : 4));
-          }
+        for (int j = 0; j < 8; ++j) {  // past the end v is 0.0: an odd tail's low nibble is the code of 0.0
+          const float s = zero ? 0.0f : __fmul_rn(v[c][j], r);
+          word |= encode_nibble<MODE>(s, s_tab, thr.fp4_rank_to_code) << (8 * (j >> 1) + ((j & 1) ? 0 : 4));
         }
         if (vec_out && full) {
           *reinterpret_cast<uint32_t*>(out + start / 2) = word;

@@ -62,6 +62,9 @@ inline std::string shape_str(const at::Tensor& t) {
 inline void* stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 #endif
 
+// 8-bit block sizes above this are refused (they would only overflow the block-count arithmetic).
+constexpr int64_t kMaxBlocksize8 = int64_t(1) << 31;
+
 inline int64_t checked_numel(at::IntArrayRef shape) {
   int64_t n = 1;
   for (int64_t d : shape) {
@@ -102,7 +105,8 @@ inline WeightArgs weight_args(const at::Tensor& packed_in, const at::Tensor& abs
   QX_CHECK(dq == nested_code.has_value(), "nested_absmax and nested_code must be given together");
   if (dq) {
     QX_CHECK(absmax.scalar_type() == at::kByte, "double-quantized absmax must be uint8, got ", absmax.scalar_type());
-    QX_CHECK(nested_blocksize > 0, "nested_blocksize must be positive, got ", nested_blocksize);
+    QX_CHECK(nested_blocksize > 0 && nested_blocksize <= kMaxBlocksize8, "nested_blocksize must be in [1, 2**31], got ",
+             nested_blocksize);
     const at::Tensor& na = *nested_absmax;
     const at::Tensor& nc = *nested_code;
     check_same_device(packed, na, "nested_absmax");

@@ -82,7 +82,10 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
                            double offset, int64_t nested_blocksize, int64_t blocksize, c10::string_view quant_type,
                            at::IntArrayRef shape, at::ScalarType dtype) {
   to_dtype(dtype, "the output dtype");
-  checked_numel(shape);
+  // Validate the buffers against the shape before allocating from it: a state claiming a huge shape over
+  // small buffers is a bad checkpoint, not an allocation failure.
+  weight_args(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize, quant_type,
+              checked_numel(shape));
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   dequantize_4bit_out(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize, quant_type,
                       shape, out);
@@ -96,10 +99,11 @@ void check_code256(const at::Tensor& code, const at::Tensor& ref) {
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_8bit(const at::Tensor& A_in, const at::Tensor& code, int64_t blocksize) {
-  QX_CHECK(A_in.scalar_type() == at::kFloat, "8-bit quantization takes float32 input, got ", A_in.scalar_type());
-  QX_CHECK(blocksize > 0, "blocksize must be positive, got ", blocksize);
+  to_dtype(A_in.scalar_type(), "the input to 8-bit quantization");
+  QX_CHECK(blocksize > 0 && blocksize <= kMaxBlocksize8, "blocksize must be in [1, 2**31], got ", blocksize);
   check_code256(code, A_in);
-  at::Tensor A = A_in.contiguous();
+  // float16 / bfloat16 input (accepted, as bitsandbytes does) widens exactly to float32: same codes.
+  at::Tensor A = A_in.to(at::kFloat).contiguous();
   const int64_t n = A.numel();
   at::Tensor out = at::empty(A.sizes(), A.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, A.options().dtype(at::kFloat));
@@ -127,7 +131,7 @@ at::Tensor dequantize_8bit(const at::Tensor& A, const at::Tensor& absmax, const 
                            at::ScalarType dtype) {
   DType ot = to_dtype(dtype, "the output dtype");
   QX_CHECK(A.scalar_type() == at::kByte && A.is_contiguous(), "A must be contiguous uint8, got ", shape_str(A));
-  QX_CHECK(blocksize > 0, "blocksize must be positive, got ", blocksize);
+  QX_CHECK(blocksize > 0 && blocksize <= kMaxBlocksize8, "blocksize must be in [1, 2**31], got ", blocksize);
   check_code256(code, A);
   check_same_device(A, absmax, "absmax");
   const int64_t n = A.numel(), nblocks = (n + blocksize - 1) / blocksize;
