@@ -84,6 +84,10 @@ def test_qlora_config_takes_bitsandbytes_arguments_and_configs():
             ("fp4", False, torch.float32, None)
     assert Q.QLoRAConfig.from_bnb(BitsAndBytesConfig(**kw).to_dict()).to_dict() == ours.to_dict()
     assert Q.QLoRAConfig(quant_type="nf4", bnb_4bit_quant_type="nf4").quant_type == "nf4"  # same value twice: fine
+    # a checkpoint's JSON null means bitsandbytes' default
+    from_json = Q.QLoRAConfig.from_bnb_dict({"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                             "bnb_4bit_quant_storage": None, "bnb_4bit_quant_type": "nf4"})
+    assert (from_json.quant_type, from_json.quant_storage) == ("nf4", torch.uint8)
     for bad, match in [(dict(load_in_8bit=True), "load_in_8bit"), (dict(load_in_4bit=False), "load_in_4bit"),
                        (dict(quant_type="nf4", bnb_4bit_quant_type="fp4"), "bnb_4bit_quant_type"),
                        (dict(llm_int8_threshold=4.0), "llm_int8_threshold"),

@@ -148,7 +148,8 @@ class QLoRAConfig(QuantizationConfigMixin):
         d = config.to_dict() if hasattr(config, "to_dict") else config
         if not isinstance(d, dict):
             raise ValueError(f"from_bnb needs a BitsAndBytesConfig or its dict, got {type(config).__name__}")
-        d = dict(d)
+        # null in a checkpoint's JSON means bitsandbytes' default (llm_int8_skip_modules: transformers' default)
+        d = {k: v for k, v in d.items() if v is not None or k == "llm_int8_skip_modules"}
         if d.get("quant_method", "bitsandbytes") != "bitsandbytes":
             raise ValueError(f"not a bitsandbytes quantization_config: quant_method={d.get('quant_method')!r}")
         d.pop("quant_method", None)
