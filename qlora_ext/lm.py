@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, Example, collate, encode_all, pad_id
+from .nn import Linear4bit
 
 # Model types whose CausalLM is decoder -> lm_head with nothing in between (no logit scaling or soft-capping),
 # so the head may be applied to chosen positions only. Others run their full forward.
@@ -28,7 +29,7 @@ def plain_head(model) -> bool:
     cfg = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return (getattr(cfg, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and hasattr(model, "model")
-            and isinstance(head, torch.nn.Linear))
+            and isinstance(head, torch.nn.Linear) and not isinstance(head, Linear4bit))  # a float head only
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):

@@ -42,8 +42,13 @@ class LoraDropout(nn.Dropout):
         return torch.ops.qlora_ext.lora_dropout(x, self.p, seed)
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(nn.Linear):
     """A Linear layer whose weight is stored in 4 bits (frozen); the bias, if any, stays a float parameter.
+
+    A subclass of nn.Linear (as bitsandbytes' Linear4bit is), so that code looking for linear layers (PEFT's
+    "all-linear" and its LoRA dispatch, transformers' target lists) finds it; nn.Linear's float weight is never
+    created, and anything that would read `weight` as an [out, in] float matrix must go through
+    `dequantized_weight()`.
 
     `weight` is the packed parameter (shape [(N*K + 1) // 2 // itemsize, 1] of the storage dtype, never
     trainable) and `quant_state` the QuantState that decodes it. Inputs are cast to `compute_dtype` (default:
@@ -52,7 +57,7 @@ class Linear4bit(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=None,
                  quant_storage: torch.dtype = torch.uint8, device=None, dtype=None):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a float [out, in] weight
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.compute_dtype = compute_dtype
         # placeholder until quantized weights are assigned (from_linear, load_state_dict or a loader)
@@ -60,6 +65,13 @@ class Linear4bit(nn.Module):
                                                dtype=quant_storage, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.quant_state: Optional[QuantState] = None
+
+    def __setattr__(self, name, value):
+        if name == "weight" and isinstance(value, torch.Tensor):
+            # packed bytes are never initialised as a float weight: transformers' _init_weights sees an nn.Linear
+            # and would run normal_ on whatever weight a loader put here (it skips tensors with this flag)
+            value._is_hf_initialized = True
+        super().__setattr__(name, value)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
