@@ -132,9 +132,10 @@ class FloatLoraLinear(nn.Module):
 
 
 def linear_weights(model) -> Dict[str, torch.Tensor]:
-    """The float weights of every nn.Linear that quantize_model would quantize (all but the tied LM head)."""
-    from qlora_ext.model import _default_skips, _skipped
-    skip = _default_skips(model)
+    """The float weights of every nn.Linear that quantize_model would quantize (all but the LM head / task head)."""
+    from qlora_ext.config import QLoRAConfig
+    from qlora_ext.model import _float_modules, _skipped
+    skip = _float_modules(model, QLoRAConfig())   # what build_model's quantize_model keeps in float
     return {n: m.weight.detach() for n, m in model.named_modules()
             if type(m) is nn.Linear and n and not _skipped(n, skip)}
 
