@@ -126,6 +126,9 @@ def git_commit() -> str:
         return "unknown"
 
 
+COMMIT = git_commit()   # at start: the code this process runs, whatever is committed while it trains
+
+
 def load_float_model(path, num_labels: int):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -185,7 +188,7 @@ def run_one(config, seed, task, float_model, feats_train, feats_held, pad_id, a)
     return {"task": task, "config": config, "seed": seed, "loss": ev["loss"], "accuracy": ev["accuracy"],
             "eval_examples": ev["examples"], "train_losses": losses, "lora_init_sha256": fingerprint,
             "head_init_sha256": head_sha, "data_order_sha256": data_sha, "train_seconds": train_s,
-            "total_seconds": time.time() - t0, "commit": git_commit(), "settings": settings_of(a)}
+            "total_seconds": time.time() - t0, "commit": COMMIT, "settings": settings_of(a)}
 
 
 def settings_of(a) -> Dict:
