@@ -477,10 +477,18 @@ def load_float_model(spec):
 
 
 def main(argv=None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--model" in args and args[args.index("--model") + 1:][:1] == ["minilm"]:
+        # the float32 encoder study (issue 18): its own tasks and metrics, in parity_encoder.py
+        i = args.index("--model")
+        sys.path.insert(0, str(HERE))
+        import parity_encoder
+        return parity_encoder.main(args[:i] + args[i + 2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
-                    help="a transformers model directory or .gguf file to study instead of the default SmolLM2 "
+                    help="'minilm': the float32 encoder study (bench/parity_encoder.py, its own options); or a "
+                         "transformers model directory or .gguf file to study instead of the default SmolLM2 "
                          "GGUF (use a genuinely 16-bit model where one is available; give it its own --runs-dir)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -365,6 +365,10 @@ def plot(summ: Dict, zs: Dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def _mean_std(v: List[float]) -> str:
+    return f"{statistics.fmean(v):+.2f} +- {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}" if v else "-"
+
+
 def render(summ, runs, pre, header) -> str:
     L = ["# Parity on genuinely float weights: all-MiniLM-L6-v2 (issue 18)", ""]
     L += [f"- **{k}**: {v}" for k, v in header.items()]
@@ -388,6 +392,10 @@ def render(summ, runs, pre, header) -> str:
             d = 100 * (sub["nf4-dq"]["accuracy"]["mean"] - sub["16-bit"]["accuracy"]["mean"])
             L += ["", f"Target (NF4 + DQ within 1 point of 16-bit's mean held-out accuracy, seeds {seeds}): "
                   f"{d:+.2f} points -> **{'met' if abs(d) <= 1 else 'NOT met'}**."]
+            by = {(r["config"], r["seed"]): r["accuracy"] for r in runs if r["task"] == task}
+            L.append("Paired by seed (same LoRA init, head and batches), accuracy minus 16-bit's, mean +- std: " + "; ".join(
+                f"{c} {_mean_std([100 * (by[(c, s_)] - by[('16-bit', s_)]) for s_ in seeds if (c, s_) in by])}"
+                for c in summ[task] if c != "16-bit") + " points.")
             order = sorted(summ[task], key=lambda c: -summ[task][c]["accuracy"]["mean"])
             L.append(f"Ordering by mean accuracy: {' > '.join(order)}.")
     L += ["", "## Same LoRA init, head init and data order across configs", ""]

@@ -253,3 +253,27 @@ def test_modules_to_save_errors(minilm, tmp_path):
     with pytest.raises(ValueError, match="classifier.weight' has shape"):
         Q.load_adapter(model, tmp_path / "b", adapter_name="b")
     assert torch.equal(model.classifier.weight, before)
+
+
+def test_encoder_tasks_are_reproducible_and_held_out(tmp_path, monkeypatch):
+    """The shipped parity tasks are what bench/data/make_encoder_tasks.py generates (byte for byte), and no
+    held-out sentence / pair occurs in training."""
+    import importlib.util
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("make_tasks", REPO / "bench" / "data" / "make_encoder_tasks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "OUT", tmp_path)
+    mod.main()
+    shipped = REPO / "bench" / "data" / "encoder_tasks"
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == sorted(p.name for p in shipped.iterdir()) and len(files) == 6
+    for name in files:
+        assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes(), name
+    for task, classes in (("intent", 16), ("paraphrase", 2)):
+        rows = {s: [json.loads(x) for x in (shipped / f"{task}_{s}.jsonl").read_text().splitlines()]
+                for s in ("train", "heldout")}
+        key = lambda r: (r["text"], r.get("text_pair"))  # noqa: E731
+        assert not {key(r) for r in rows["train"]} & {key(r) for r in rows["heldout"]}
+        assert {r["label"] for r in rows["heldout"]} == set(range(classes))
+        assert len(rows["heldout"]) == 320
