@@ -132,9 +132,10 @@ class FloatLoraLinear(nn.Module):
 
 
 def linear_weights(model) -> Dict[str, torch.Tensor]:
-    """The float weights of every nn.Linear that quantize_model would quantize (all but the tied LM head)."""
-    from qlora_ext.model import _default_skips, _skipped
-    skip = _default_skips(model)
+    """The float weights of every nn.Linear that quantize_model would quantize (all but the LM head / task head)."""
+    from qlora_ext.config import QLoRAConfig
+    from qlora_ext.model import _float_modules, _skipped
+    skip = _float_modules(model, QLoRAConfig())   # what build_model's quantize_model keeps in float
     return {n: m.weight.detach() for n, m in model.named_modules()
             if type(m) is nn.Linear and n and not _skipped(n, skip)}
 
@@ -478,10 +479,18 @@ def load_float_model(spec):
 
 
 def main(argv=None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--model" in args and args[args.index("--model") + 1:][:1] == ["minilm"]:
+        # the float32 encoder study (issue 18): its own tasks and metrics, in parity_encoder.py
+        i = args.index("--model")
+        sys.path.insert(0, str(HERE))
+        import parity_encoder
+        return parity_encoder.main(args[:i] + args[i + 2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
-                    help="a transformers model directory or .gguf file to study instead of the default SmolLM2 "
+                    help="'minilm': the float32 encoder study (bench/parity_encoder.py, its own options); or a "
+                         "transformers model directory or .gguf file to study instead of the default SmolLM2 "
                          "GGUF (use a genuinely 16-bit model where one is available; give it its own --runs-dir)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -1,7 +1,12 @@
 """LoRA adapters on a model's 4-bit layers: add_lora, set_adapter, print_trainable_parameters, and
 save_adapter / load_adapter in PEFT's exact format (adapter_config.json + adapter_model.safetensors with keys
-`base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r]), so PEFT loads ours and
-we load PEFT's. Saves are atomic; loaded adapters are validated completely before the model is touched.
+`base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r], and for PEFT's
+`modules_to_save` (float modules trained in full, e.g. a classification head) every entry of the module's
+state dict as `base_model.model.<module path>.<name>`, as PEFT writes them), so PEFT loads ours and we load
+PEFT's. Saves are atomic; loaded adapters are validated completely before the model is touched.
+
+modules_to_save: the model keeps one copy of each such module (trainable), shared by its adapters; loading
+an adapter that has one overwrites it.
 """
 from __future__ import annotations
 
@@ -27,6 +32,44 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _HASH_KEY = "qlora_ext.adapter_config_sha256"
 _MAX_RANK = 1 << 16
+_SAVED_ATTR = "_qlora_modules_to_save"   # {adapter name: [module names as given, ...]} on the model
+# PEFT's defaults by task: the head a task type trains in full (names that match nothing are ignored, as in PEFT)
+_TASK_HEADS = {"ForSequenceClassification": ("SEQ_CLS", ["classifier", "score"]),
+               "ForTokenClassification": ("TOKEN_CLS", ["classifier", "score"]),
+               "ForQuestionAnswering": ("QUESTION_ANS", ["qa_outputs"]),
+               "ForCausalLM": ("CAUSAL_LM", None)}
+
+
+def _task(model: nn.Module) -> Tuple[Optional[str], Optional[List[str]]]:
+    name = type(model).__name__
+    return next((v for k, v in _TASK_HEADS.items() if name.endswith(k)), (None, None))
+
+
+def _name_matches(path: str, key: str) -> bool:
+    return path == key or path.endswith("." + key)   # PEFT's modules_to_save rule
+
+
+def _resolve_saved(model: nn.Module, names, source: str) -> Dict[str, nn.Module]:
+    """Module paths designated by modules_to_save names (PEFT's rule: the path or a '.'-suffix of it); names
+    matching nothing are ignored, as PEFT ignores its task defaults a model lacks. A match that is a 4-bit layer,
+    lies inside a 4-bit layer or has no float parameter raises ValueError."""
+    if names is None:
+        return {}
+    if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) and n for n in names)):
+        raise ValueError(f"{source}: modules_to_save must be a list of module names, got {names!r}")
+    quant = tuple(n for n, m in model.named_modules() if isinstance(m, Linear4bit))
+    out = {}
+    for path, m in model.named_modules():
+        if path and any(_name_matches(path, k) for k in names):
+            if path in quant or path.startswith(tuple(q + "." for q in quant)):
+                raise ValueError(f"{source}: modules_to_save names the 4-bit layer '{path}': only float modules "
+                                 f"can be trained in full (leave it in float with QLoRAConfig(skip_modules=...))")
+            params = list(m.parameters())
+            if not params or not all(p.is_floating_point() for p in params):
+                raise ValueError(f"{source}: modules_to_save '{path}' has no float parameters to train")
+            if not any(path.startswith(o + ".") for o in out):   # a match inside another match is covered
+                out[path] = m
+    return out
 
 
 def _linear_like(model: nn.Module) -> Dict[str, nn.Module]:
@@ -107,11 +150,17 @@ def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
 
 def add_lora(model: nn.Module, r: int = 64, lora_alpha: float = 16, lora_dropout: float = 0.05,
              target_modules: Union[str, List[str]] = "all-linear", use_rslora: bool = False,
-             adapter_name: str = "default") -> nn.Module:
+             adapter_name: str = "default", modules_to_save: Union[str, List[str], None] = "auto") -> nn.Module:
     """Adds a LoRA adapter named `adapter_name` to the targeted 4-bit layers (default: all of them, the QLoRA
-    paper's finding), makes it active, and freezes everything else. Returns the model. Arguments are
-    validated before the model is touched (ValueError naming the bad one)."""
+    paper's finding), makes it active, and freezes everything else except `modules_to_save`: float modules
+    trained in full and saved with the adapter (PEFT's option of that name; "auto" = PEFT's default for the
+    model's task: 'classifier' / 'score' for sequence and token classification, 'qa_outputs' for question
+    answering, none otherwise). Returns the model. Arguments are validated before the model is touched
+    (ValueError naming the bad one)."""
     check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
+    if modules_to_save == "auto":
+        modules_to_save = _task(model)[1]
+    saved = _resolve_saved(model, modules_to_save, "add_lora")
     names = _resolve_targets(model, target_modules)
     layers = _lora_layers(model)
     clash = [n for n in names if n in layers and adapter_name in layers[n].adapters]
@@ -127,7 +176,18 @@ def add_lora(model: nn.Module, r: int = 64, lora_alpha: float = 16, lora_dropout
             _replace(model, n, LoraLinear4bit.from_linear4bit(m, r, lora_alpha, lora_dropout, use_rslora,
                                                               adapter_name))
     set_adapter(model, adapter_name)
+    _set_saved(model, adapter_name, modules_to_save if saved else None, saved)
     return model
+
+
+def _set_saved(model: nn.Module, adapter_name: str, names, modules: Dict[str, nn.Module]) -> None:
+    registry = getattr(model, _SAVED_ATTR, None) or {}
+    registry.pop(adapter_name, None)
+    if modules:
+        registry[adapter_name] = list(names)
+    setattr(model, _SAVED_ATTR, registry)
+    for m in modules.values():
+        m.requires_grad_(True)
 
 
 def print_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
@@ -158,7 +218,7 @@ def _active_name(layers: Dict[str, LoraLinear4bit]) -> str:
     return active.pop()
 
 
-def _adapter_config(model, modules: Dict[str, LoraLinear4bit], name: str) -> dict:
+def _adapter_config(model, modules: Dict[str, LoraLinear4bit], name: str, saved_names) -> dict:
     cfgs = {n: m.lora_config[name] for n, m in modules.items()}
     r = Counter(c["r"] for c in cfgs.values()).most_common(1)[0][0]
     alpha = Counter(c["lora_alpha"] for c in cfgs.values()).most_common(1)[0][0]
@@ -173,7 +233,7 @@ def _adapter_config(model, modules: Dict[str, LoraLinear4bit], name: str) -> dic
     cfg = getattr(model, "config", None)
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+        "task_type": _task(model)[0],
         "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None),
         "r": r, "lora_alpha": alpha,
         "lora_dropout": Counter(c["lora_dropout"] for c in cfgs.values()).most_common(1)[0][0],
@@ -181,7 +241,7 @@ def _adapter_config(model, modules: Dict[str, LoraLinear4bit], name: str) -> dic
         "rank_pattern": {n: c["r"] for n, c in cfgs.items() if c["r"] != r},
         "alpha_pattern": {n: c["lora_alpha"] for n, c in cfgs.items() if c["lora_alpha"] != alpha},
         "use_rslora": rslora.pop(), "use_dora": False, "bias": "none", "fan_in_fan_out": False,
-        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
+        "modules_to_save": list(saved_names) if saved_names else None, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
         "layers_pattern": None, "exclude_modules": None, "lora_bias": False, "revision": None,
     }
 
@@ -198,11 +258,16 @@ def save_adapter(model: nn.Module, directory, adapter_name: Optional[str] = None
     modules = {n: m for n, m in layers.items() if name in m.adapters}
     if not modules:
         raise KeyError(f"no layer has an adapter named {name!r}")
-    config_text = json.dumps(_adapter_config(model, modules, name), indent=2, sort_keys=True) + "\n"
+    saved_names = (getattr(model, _SAVED_ATTR, None) or {}).get(name)
+    saved = _resolve_saved(model, saved_names, "save_adapter")
+    config_text = json.dumps(_adapter_config(model, modules, name, saved_names), indent=2, sort_keys=True) + "\n"
     tensors = {}
     for n, m in modules.items():
         tensors[f"{_PREFIX}{n}.lora_A.weight"] = m.lora_A[name].weight.detach().contiguous()
         tensors[f"{_PREFIX}{n}.lora_B.weight"] = m.lora_B[name].weight.detach().contiguous()
+    for path, m in saved.items():   # PEFT's file keys: the module's own, without 'modules_to_save.<adapter>'
+        for k, t in m.state_dict().items():
+            tensors[f"{_PREFIX}{path}.{k}"] = t.detach().contiguous().clone()
     meta = {"format": "pt", _HASH_KEY: hashlib.sha256(config_text.encode()).hexdigest()}
     _io.atomic_write(directory, {WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata=meta),
                                  CONFIG_NAME: lambda p: p.write_text(config_text)})
@@ -233,7 +298,7 @@ def _read_adapter_config(path: Path) -> Tuple[dict, bytes]:
     cfg.setdefault("lora_dropout", 0.0)
     _number(cfg, "lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)")
     unsupported = {"use_dora": (False, None), "fan_in_fan_out": (False, None), "bias": ("none", None),
-                   "lora_bias": (False, None), "modules_to_save": (None, []), "layers_to_transform": (None, []),
+                   "lora_bias": (False, None), "layers_to_transform": (None, []),
                    "target_parameters": (None, []), "trainable_token_indices": (None, {}, [])}
     for key, fine in unsupported.items():
         if cfg.get(key) not in fine:
@@ -272,6 +337,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
     if _HASH_KEY in meta and meta[_HASH_KEY] != hashlib.sha256(raw).hexdigest():
         raise ValueError(f"{weights}: written for a different {CONFIG_NAME} (interrupted save?)")
     targets = _resolve_targets(model, cfg["target_modules"], cfg.get("exclude_modules"))
+    saved = _resolve_saved(model, cfg.get("modules_to_save"), str(path / CONFIG_NAME))
     layers = {n: model.get_submodule(n) for n in targets}
     clash = [n for n, m in layers.items() if isinstance(m, LoraLinear4bit) and adapter_name in m.adapters]
     if clash:
@@ -281,10 +347,13 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
         r = _pattern(cfg["rank_pattern"], n, cfg["r"])
         expected[f"{_PREFIX}{n}.lora_A.weight"] = (n, "A", (r, m.in_features))
         expected[f"{_PREFIX}{n}.lora_B.weight"] = (n, "B", (m.out_features, r))
+    for p_, m in saved.items():
+        for k, t in m.state_dict().items():
+            expected[f"{_PREFIX}{p_}.{k}"] = (p_, "saved:" + k, tuple(t.shape))
     for key in header:
         if key != "__metadata__" and key not in expected:
             raise ValueError(f"{weights}: unexpected key '{key}' (not a lora_A / lora_B weight of a layer matched "
-                             f"by target_modules)")
+                             f"by target_modules, nor a tensor of a module in modules_to_save)")
     loaded: Dict[str, Dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -306,6 +375,9 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
     # everything validated: now modify the model
     for p in model.parameters():
         p.requires_grad_(False)
+    with torch.no_grad():
+        for p_, m in saved.items():
+            m.load_state_dict({k[len("saved:"):]: t for k, t in loaded[p_].items()})
     for n, m in layers.items():
         r = _pattern(cfg["rank_pattern"], n, cfg["r"])
         alpha = _pattern(cfg["alpha_pattern"], n, cfg["lora_alpha"])
@@ -319,4 +391,5 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
             m.lora_A[adapter_name].weight.copy_(loaded[n]["A"])
             m.lora_B[adapter_name].weight.copy_(loaded[n]["B"])
     set_adapter(model, adapter_name)
+    _set_saved(model, adapter_name, cfg.get("modules_to_save") if saved else None, saved)
     return model

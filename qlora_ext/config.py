@@ -297,10 +297,9 @@ if _HAVE_TRANSFORMERS:
             return tensor == "weight" and isinstance(model.get_submodule(module_name), Linear4bit)
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from .model import _replace_linears
+            from .model import _float_modules, _replace_linears
             cfg = self.quantization_config
-            skip = self.get_modules_to_not_convert(model, cfg.skip_modules, model._keep_in_fp32_modules)
-            _replace_linears(model, cfg, skip, quantize=False)
+            _replace_linears(model, cfg, _float_modules(model, cfg), quantize=False)
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             from .nn import Linear4bit

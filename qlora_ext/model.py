@@ -51,13 +51,40 @@ def _shared_param_ids(model: nn.Module) -> set:
 
 def _default_skips(model: nn.Module) -> List[str]:
     """Without explicit skip_modules: transformers' choice for the model (output embeddings, tied weights and
-    the last module), as bitsandbytes uses; nothing for a plain nn.Module."""
+    the last module), as bitsandbytes uses; nothing for a plain nn.Module. transformers names the last module by
+    its last parameter minus '.weight', so a last bias ('classifier.bias') is mapped to its module here."""
     try:
         from transformers import PreTrainedModel
         from transformers.quantizers.base import get_keys_to_not_convert
     except ImportError:
         return []
-    return get_keys_to_not_convert(model) if isinstance(model, PreTrainedModel) else []
+    if not isinstance(model, PreTrainedModel):
+        return []
+    modules = dict(model.named_modules())
+    return sorted({k.removesuffix(".bias") if k not in modules and k.removesuffix(".bias") in modules else k
+                   for k in get_keys_to_not_convert(model)})
+
+
+def _task_heads(model: nn.Module) -> List[str]:
+    """Anchored patterns for the modules of a transformers model that lie outside its base model (the task
+    heads: classifier, score, qa_outputs, lm_head, ...). They are newly initialised or task specific, so they
+    stay float and trainable (PEFT's modules_to_save), as transformers + bitsandbytes keep the output head."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    base = getattr(model, prefix, None) if prefix else None
+    if not isinstance(base, nn.Module) or base is model:
+        return []
+    return ["^" + re.escape(n) for n, _ in model.named_children() if n != prefix]
+
+
+def _float_modules(model: nn.Module, config: QLoRAConfig) -> List[str]:
+    """Every pattern quantize_model and from_pretrained leave in float: the config's skip_modules (transformers'
+    default when None), the model's _keep_in_fp32_modules, its output embeddings and its task heads."""
+    skip = list(config.skip_modules) if config.skip_modules is not None else _default_skips(model)
+    skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    out = getattr(model, "get_output_embeddings", None)
+    out = out() if callable(out) else None
+    skip += ["^" + re.escape(n) + "$" for n, m in model.named_modules() if n and out is not None and m is out]
+    return skip + _task_heads(model)
 
 
 def _replace_linears(model: nn.Module, config: QLoRAConfig, skip, quantize: bool) -> List[str]:
@@ -87,15 +114,14 @@ def _replace_linears(model: nn.Module, config: QLoRAConfig, skip, quantize: bool
 
 
 def quantize_model(model: nn.Module, config: Optional[QLoRAConfig] = None) -> nn.Module:
-    """Replaces every nn.Linear except the skipped ones by a Linear4bit, in place, layer by layer (each float
+    """Replaces every nn.Linear except those _float_modules keeps (skip_modules, output embeddings, task heads
+    such as a classifier) by a Linear4bit, in place, layer by layer (each float
     weight is released as soon as its layer is quantized). Returns the model."""
     config = QLoRAConfig() if config is None else config
     if not isinstance(config, QLoRAConfig):
         raise TypeError(f"config must be a QLoRAConfig, got {type(config).__name__}")
-    skip = config.skip_modules if config.skip_modules is not None else _default_skips(model)
-    skip = list(skip) + list(getattr(model, "_keep_in_fp32_modules", None) or [])  # as the quantizer does
     with torch.no_grad():
-        _replace_linears(model, config, skip, quantize=True)
+        _replace_linears(model, config, _float_modules(model, config), quantize=True)
     if hasattr(model, "config"):
         model.config.quantization_config = config  # save_pretrained then records the format
     return model
