@@ -32,10 +32,10 @@ if [ "$MODE" = prepare ]; then
   ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 || pip download -q --no-deps -d .whl "bitsandbytes==0.50.2"
   if [ ! -f .gtest/CMakeLists.txt ]; then
     [ -d /usr/src/googletest ] || { echo "no /usr/src/googletest: apt-get install libgtest-dev" >&2; exit 1; }
-    rm -rf .gtest && cp -r /usr/src/googletest .gtest
+    rm -rf .gtest && cp -rL /usr/src/googletest .gtest
   fi
   # The tests' fixtures live in ../shared, which does not travel: a copy goes in .shared/ (2 MB).
-  rm -rf .shared && cp -r ../shared .shared
+  rm -rf .shared && cp -rL ../shared .shared
   du -sh .whl .gtest .shared
   echo "carry: [\".whl\", \".gtest\", \".shared\"]"
   exit 0
