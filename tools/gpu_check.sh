@@ -59,8 +59,8 @@ run_phase() {
   shift 2
   local t0 rc status
   t0=$(date +%s%N)
-  echo "== $name (limit ${limit}s)"
   [ "$MODE" = dry ] && limit=$((limit * DRY_SCALE))
+  echo "== $name (limit ${limit}s)"
   timeout --kill-after=10 "$limit" "$@" > "$R/$name.log" 2>&1
   rc=$?
   local ms dt
@@ -106,6 +106,22 @@ phase_bnb_wheel() {
 }
 
 phase_build_extension() {
+  # torch finds the CUDA toolkit through CUDA_HOME or nvcc's location; an nvcc wrapper script (as on this
+  # project's build VM) points it at a directory without the CUDA headers, so look for them.
+  if [ -z "${CUDA_HOME:-}" ]; then
+    for d in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
+      [ -f "$d/include/cuda_runtime_api.h" ] && { export CUDA_HOME="$d"; break; }
+    done
+  fi
+  # torch's CUDA headers include cuSPARSE / cuBLAS headers; a minimal toolkit lacks them, but torch's CUDA wheels
+  # ship them (site-packages/nvidia/*/include).
+  if [ ! -f "${CUDA_HOME:-/nonexistent}/include/cusparse.h" ]; then
+    local inc
+    inc=$("$PY" -c "import glob, os, site; print(':'.join(sorted({os.path.dirname(p) for d in site.getsitepackages()
+for p in glob.glob(os.path.join(d, 'nvidia', '*', 'include', 'cusparse.h'))})))")
+    [ -n "$inc" ] && export CPATH="$inc${CPATH:+:$CPATH}"
+  fi
+  echo "CUDA_HOME=${CUDA_HOME:-unset} CPATH=${CPATH:-}"
   # sm_90 only, all cores; --no-build-isolation: the machine has no registry and the build must use its torch.
   QLORA_EXT_CUDA=1 QLORA_EXT_CUDA_ARCH_LIST=9.0 MAX_JOBS="$JOBS" \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e "$ROOT"
