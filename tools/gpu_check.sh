@@ -12,7 +12,7 @@
 #
 # Output: one folder, $OUT/gpu_check when $OUT is set (the device tool brings $OUT back), else
 # ./gpu_check_out: report.md (the summary table and the key figures) and one raw log per phase.
-# Total budget: about 9 minutes on the H200 (per-phase timeouts below add up to 520 s plus the environment).
+# Total budget: about 9 minutes on the H200 (the per-phase limits below add up to 530 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -236,19 +236,19 @@ PYEOF
 export -f phase_env phase_bnb_wheel phase_build_extension phase_import phase_build_cmake phase_pytest_cuda \
   phase_ctest_cuda sanitizer_bin phase_sanitizer phase_bench phase_finetune
 
-run_phase env 30 bash -c phase_env
-run_phase bnb_wheel 40 bash -c phase_bnb_wheel
-run_phase build_extension 200 bash -c phase_build_extension
-run_phase import 30 bash -c phase_import
-run_phase build_cmake 150 bash -c phase_build_cmake
-run_phase pytest_cuda 120 bash -c phase_pytest_cuda
-run_phase ctest_cuda 60 bash -c phase_ctest_cuda
-run_phase sanitizer_memcheck 60 bash -c "phase_sanitizer memcheck"
-run_phase sanitizer_racecheck 45 bash -c "phase_sanitizer racecheck"
-run_phase bench_quant 25 bash -c "phase_bench quant"
-run_phase bench_matmul 40 bash -c "phase_bench matmul"
-run_phase bench_optim 25 bash -c "phase_bench optim"
-run_phase finetune 60 bash -c phase_finetune
+run_phase env 15 bash -c phase_env
+run_phase bnb_wheel 25 bash -c phase_bnb_wheel
+run_phase build_extension 130 bash -c phase_build_extension
+run_phase import 15 bash -c phase_import
+run_phase build_cmake 80 bash -c phase_build_cmake
+run_phase pytest_cuda 70 bash -c phase_pytest_cuda
+run_phase ctest_cuda 30 bash -c phase_ctest_cuda
+run_phase sanitizer_memcheck 35 bash -c "phase_sanitizer memcheck"
+run_phase sanitizer_racecheck 25 bash -c "phase_sanitizer racecheck"
+run_phase bench_quant 20 bash -c "phase_bench quant"
+run_phase bench_matmul 25 bash -c "phase_bench matmul"
+run_phase bench_optim 20 bash -c "phase_bench optim"
+run_phase finetune 40 bash -c phase_finetune
 
 # ---- report -------------------------------------------------------------------------------------------------
 TOTAL=$(( $(date +%s) - START ))
