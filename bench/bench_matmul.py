@@ -7,6 +7,8 @@ form, x and y) and TFLOP/s (2*M*N*K / time), forward for every M and backward (g
 On CUDA every method cycles through enough copies of its weight that the copies together exceed twice
 the L2 cache, so each call reads its weight from HBM (cold L2) as in a real model's forward pass, and the
 device-to-device copy bandwidth is measured in the same run (the M = 1 row reports ours as % of it).
+With --bnb (CUDA), bitsandbytes' matmul_4bit on its own NF4 + double-quant weight is timed the same way
+(forward only). --quick: the GPU check's short run (4096x4096 and 14336x4096, M = 1, 16, 64, 1024).
 
 Targets (issue 3): CPU float32: M = 1 at most 0.35x dense time on 4096x4096 and 11008x4096, M = 1024 at
 most 1.10x dense. GPU bfloat16 (weights rotated so L2 is cold): M = 1 >= 75% of copy bandwidth in weight
@@ -76,7 +78,16 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per cell at most")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--bnb", action="store_true", help="also time bitsandbytes.matmul_4bit (CUDA, forward)")
+    ap.add_argument("--quick", action="store_true", help="short run: 2 shapes, M = 1,16,64,1024, 5 reps, 0.5 s")
     args = ap.parse_args()
+    if args.quick:
+        args.shapes = args.shapes or "4096x4096,14336x4096"
+        args.ms = args.ms or "1,16,64,1024"
+        args.reps, args.budget = min(args.reps, 5), min(args.budget, 0.5)
+    bnb = None
+    if args.bnb:
+        import bitsandbytes as bnb  # the carried wheel on the GPU machine (tools/gpu_check.sh)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -102,8 +113,8 @@ def main():
            "CPU: one weight copy per method (ours 4-bit, dense float: both far larger than the 2-core L2)"),
         "",
         "| weight | M | pass | ours ms | dense ms | deq+linear ms | ours/dense | ours GB/s | dense GB/s | "
-        "ours TFLOP/s | dense TFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "ours TFLOP/s | dense TFLOP/s | bnb ms | ours/bnb |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for N, K in shapes:
@@ -111,6 +122,11 @@ def main():
         packed, state = F.quantize_4bit(w.to(dtype))
         wq_bytes = packed.numel() * packed.element_size() + state.absmax.numel() + state.nested_absmax.numel() * 4
         W = F.dequantize_4bit(packed, state).to(dtype)
+        theirs_q = None
+        if bnb is not None:
+            bp, bqs = bnb.functional.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4",
+                                                   compress_statistics=True)
+            theirs_q = itertools.cycle(rotating(lambda: (bp.clone(), bqs), wq_bytes, device))
         del w
         # (packed, state) and W copies, cycled so that on CUDA no call finds its weight in L2
         quant = itertools.cycle(rotating(lambda: (packed.clone(), state), wq_bytes, device))
@@ -148,20 +164,27 @@ def main():
                         pk, st = next(quant)
                         return g @ F.dequantize_4bit(pk, st)
                     io = (M * N + M * K) * esize
+                t_bnb = None
                 with torch.no_grad():
                     t_ours = timer(device, ours, args.reps, args.budget)
                     t_dense = timer(device, dense, args.reps, args.budget)
                     t_deq = timer(device, deq, args.reps, args.budget)
+                    if theirs_q is not None and p == "fwd":
+                        def theirs():
+                            pk, qs = next(theirs_q)
+                            return bnb.matmul_4bit(x, pk.t(), quant_state=qs)
+                        t_bnb = timer(device, theirs, args.reps, args.budget)
                 flops = 2 * M * N * K
                 row = (f"| {N}x{K} | {M} | {p} | {t_ours * 1e3:.3f} | {t_dense * 1e3:.3f} | {t_deq * 1e3:.3f} | "
                        f"{t_ours / t_dense:.2f} | {(wq_bytes + io) / t_ours / 1e9:.1f} | "
                        f"{(N * K * esize + io) / t_dense / 1e9:.1f} | {flops / t_ours / 1e12:.3f} | "
-                       f"{flops / t_dense / 1e12:.3f} |")
+                       f"{flops / t_dense / 1e12:.3f} | "
+                       + (f"{t_bnb * 1e3:.3f} | {t_ours / t_bnb:.2f} |" if t_bnb else "- | - |"))
                 if M == 1 and device.type == "cuda":
                     row += f" ours weight bytes at {100 * wq_bytes / t_ours / 1e9 / copy_bw:.0f}% of copy |"
                 print(row, flush=True)
                 lines.append(row)
-        del quant, dense_w
+        del quant, dense_w, theirs_q
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -1,4 +1,4 @@
-// GoogleTest: the CUDA optimizer steps match the CPU kernels bit for bit, and paged memory refuses requests above
+// GoogleTest: the CUDA optimizer steps match the CPU kernels bit for bit (finite data), and paged memory refuses requests above
 // the free device memory, prefetches both ways and frees. Every test skips without a GPU.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>

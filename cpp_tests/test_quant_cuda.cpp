@@ -1,4 +1,4 @@
-// GoogleTest: the CUDA quant.h launchers match the CPU reference bit-for-bit (every test skips without a GPU).
+// GoogleTest: the CUDA quant.h launchers match the CPU reference bit-for-bit on finite data (every test skips without a GPU).
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -26,7 +26,8 @@ using qx::QuantType;
 using qx::Status;
 
 const int64_t kSizes[] = {1, 63, 64, 65, 1000, 4097, 123457};
-const int64_t kBlocks4[] = {32, 64, 128, 4096};
+// 512-2048: one quantization block spans several warps (the cross-warp reduction in shared memory).
+const int64_t kBlocks4[] = {32, 64, 128, 512, 1024, 2048, 4096};
 const DType kDTypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
 const QuantType kQuantTypes[] = {QuantType::kNF4, QuantType::kFP4};
 
@@ -309,9 +310,14 @@ void check_quantize8(int64_t n, int64_t bs, bool is_signed, uint32_t seed) {
   ASSERT_TRUE(upload(din, data.data(), data.size() * 4));
   ASSERT_TRUE(upload(dcode, code, 256 * 4));
   ASSERT_TRUE(dout.ok() && dabsmax.ok());
+  DevBuf dflag(4);
+  ASSERT_EQ(cudaMemset(dflag.get(), 0, 4), cudaSuccess);
   ASSERT_EQ(qx::quantize_8bit_cuda(din.get<float>(), n, bs, dcode.get<float>(), dout.get<uint8_t>(),
-                                   dabsmax.get<float>(), nullptr),
+                                   dabsmax.get<float>(), dflag.get<int>(), nullptr),
             Status::kOk);
+  int flag = -1;
+  ASSERT_EQ(cudaMemcpy(&flag, dflag.get(), 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(flag, 0) << "finite input flagged as NaN/Inf";
   std::vector<uint8_t> got;
   std::vector<float> got_absmax;
   ASSERT_TRUE(download(&got, dout, ref.size()));
@@ -429,7 +435,7 @@ TEST(QuantCuda, LargeTensor) {
 TEST(QuantCuda, Quantize8MatchesCpu) {
   REQUIRE_GPU();
   uint32_t seed = 3000;
-  const int64_t blocks[] = {64, 256, 4096, 100};  // 100: the generic (non power of two) kernel
+  const int64_t blocks[] = {64, 256, 512, 1024, 2048, 4096, 100};  // 100: the generic (non power of two) kernel
   for (bool is_signed : {true, false})
     for (int64_t bs : blocks)
       for (int64_t n : kSizes) check_quantize8(n, bs, is_signed, seed++);
@@ -472,6 +478,105 @@ TEST(QuantCuda, NonFiniteSetsFlag) {
     EXPECT_TRUE(same_bytes(ref_absmax.data(), r.absmax.data(), ref_absmax.size() * 4, 4)) << "absmax";
     EXPECT_TRUE(same_bytes(ref_packed.data(), r.packed.data(), ref_packed.size())) << "packed";
   }
+}
+
+// quantize_8bit on CUDA reports NaN / Inf through its flag (tiled and generic kernels), like the CPU's
+// kNonFinite, and still writes the CPU's bytes.
+TEST(QuantCuda, NonFinite8SetsFlag) {
+  REQUIRE_GPU();
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const float* code = qx::dynamic_map(true);
+  for (int64_t bs : {int64_t{256}, int64_t{2048}, int64_t{100}}) {
+    for (float bad : {nan, inf, -inf}) {
+      SCOPED_TRACE("blocksize=" + std::to_string(bs) + " bad=" + std::to_string(bad));
+      const int64_t n = 5000;
+      std::vector<float> v = make_data(n, bs, 11);
+      v[4321] = bad;
+      std::vector<uint8_t> ref(n);
+      std::vector<float> ref_absmax((n + bs - 1) / bs);
+      EXPECT_EQ(qx::quantize_8bit_cpu(v.data(), n, bs, code, ref.data(), ref_absmax.data()), Status::kNonFinite);
+      DevBuf din(n * 4), dcode(256 * 4), dout(n), dabsmax(ref_absmax.size() * 4), dflag(4);
+      ASSERT_TRUE(upload(din, v.data(), n * 4));
+      ASSERT_TRUE(upload(dcode, code, 256 * 4));
+      ASSERT_EQ(cudaMemset(dflag.get(), 0, 4), cudaSuccess);
+      ASSERT_EQ(qx::quantize_8bit_cuda(din.get<float>(), n, bs, dcode.get<float>(), dout.get<uint8_t>(),
+                                       dabsmax.get<float>(), dflag.get<int>(), nullptr),
+                Status::kOk);
+      int flag = 0;
+      ASSERT_EQ(cudaMemcpy(&flag, dflag.get(), 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      EXPECT_EQ(flag, 1);
+    }
+  }
+}
+
+// Double quantization on CUDA gives the CPU's bytes: 4-bit codes and absmax from quantize_4bit, then the
+// nested 8-bit codes and nested absmax of (absmax - offset) in blocks of 256 with the signed map. The offset
+// is computed once on the host (the Python layer's canonical mean), so only the kernels can differ.
+TEST(QuantCuda, DoubleQuantBytesMatchCpu) {
+  REQUIRE_GPU();
+  for (QuantType qt : kQuantTypes) {
+    const int64_t n = 64 * 256 * 3 + 64 * 5 + 7, bs = 64, nb = (n + bs - 1) / bs;
+    const std::vector<float> w = make_data(n, bs, 77);
+    const std::vector<uint8_t> host = encode(w, DType::kFloat32);
+    Quant4Result r;
+    ASSERT_TRUE(run_quantize4_cuda(host, DType::kFloat32, n, bs, qt, 0, 0, &r));
+    ASSERT_EQ(r.status, Status::kOk);
+    std::vector<uint8_t> ref_packed((n + 1) / 2);
+    std::vector<float> ref_absmax(nb);
+    ASSERT_EQ(qx::quantize_4bit_cpu(w.data(), DType::kFloat32, n, bs, qt, ref_packed.data(), ref_absmax.data()),
+              Status::kOk);
+    EXPECT_TRUE(same_bytes(ref_packed.data(), r.packed.data(), ref_packed.size())) << "packed";
+    ASSERT_TRUE(same_bytes(ref_absmax.data(), r.absmax.data(), ref_absmax.size() * 4, 4)) << "absmax";
+    float sum = 0.0f;  // any fixed host value: both devices get the same one
+    for (float a : ref_absmax) sum += a;
+    const float offset = sum / static_cast<float>(nb);
+    std::vector<float> shifted(nb);
+    for (int64_t i = 0; i < nb; ++i) shifted[i] = ref_absmax[i] - offset;
+    const float* code = qx::dynamic_map(true);
+    const int64_t nn = (nb + 255) / 256;
+    std::vector<uint8_t> ref_q(nb), got_q;
+    std::vector<float> ref_nested(nn), got_nested;
+    ASSERT_EQ(qx::quantize_8bit_cpu(shifted.data(), nb, 256, code, ref_q.data(), ref_nested.data()), Status::kOk);
+    DevBuf din(nb * 4), dcode(256 * 4), dq(nb), dnested(nn * 4), dflag(4);
+    ASSERT_TRUE(upload(din, shifted.data(), nb * 4));
+    ASSERT_TRUE(upload(dcode, code, 256 * 4));
+    ASSERT_EQ(cudaMemset(dflag.get(), 0, 4), cudaSuccess);
+    ASSERT_EQ(qx::quantize_8bit_cuda(din.get<float>(), nb, 256, dcode.get<float>(), dq.get<uint8_t>(),
+                                     dnested.get<float>(), dflag.get<int>(), nullptr),
+              Status::kOk);
+    ASSERT_TRUE(download(&got_q, dq, ref_q.size()));
+    ASSERT_TRUE(download(&got_nested, dnested, ref_nested.size()));
+    EXPECT_TRUE(same_bytes(ref_q.data(), got_q.data(), ref_q.size())) << "double-quantized absmax";
+    EXPECT_TRUE(same_bytes(ref_nested.data(), got_nested.data(), ref_nested.size() * 4, 4)) << "nested absmax";
+  }
+}
+
+// An error an earlier CUDA call left pending is reported by the next launcher as such (name and text), is
+// cleared, and the launcher after that succeeds: nothing is swallowed, nothing is inherited.
+TEST(QuantCuda, PendingErrorIsReportedThenCleared) {
+  REQUIRE_GPU();
+  const int64_t n = 4096;
+  DevBuf dpacked(n / 2), dabsmax(n / 64 * 4), dout(n * 4);
+  ASSERT_TRUE(dpacked.ok() && dabsmax.ok() && dout.ok());
+  ASSERT_EQ(cudaMemset(dpacked.get(), 0x5a, n / 2), cudaSuccess);
+  std::vector<float> ones(n / 64, 1.0f);
+  ASSERT_TRUE(upload(dabsmax, ones.data(), ones.size() * 4));
+  AbsmaxView view;
+  view.absmax = dabsmax.get<float>();
+  int count = 0;
+  ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess);
+  ASSERT_NE(cudaSetDevice(count + 7), cudaSuccess);  // leaves cudaErrorInvalidDevice pending
+  EXPECT_EQ(qx::dequantize_4bit_cuda(dpacked.get<uint8_t>(), view, n, 64, QuantType::kNF4, dout.get(),
+                                     DType::kFloat32, nullptr),
+            Status::kCudaError);
+  const std::string msg = qx::last_cuda_error();
+  EXPECT_NE(msg.find("cudaErrorInvalidDevice"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("pending"), std::string::npos) << msg;
+  EXPECT_EQ(cudaPeekAtLastError(), cudaSuccess);
+  EXPECT_EQ(qx::dequantize_4bit_cuda(dpacked.get<uint8_t>(), view, n, 64, QuantType::kNF4, dout.get(),
+                                     DType::kFloat32, nullptr),
+            Status::kOk);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
 
 TEST(QuantCuda, InvalidArguments) {
@@ -526,12 +631,12 @@ TEST(QuantCuda, InvalidArguments) {
             Status::kOk);
 
   const float* code = dcode.get<float>();
-  EXPECT_EQ(qx::quantize_8bit_cuda(din.get<float>(), n, 0, code, packed, absmax, nullptr), Status::kInvalidArgument);
-  EXPECT_EQ(qx::quantize_8bit_cuda(din.get<float>(), -1, 256, code, packed, absmax, nullptr),
+  EXPECT_EQ(qx::quantize_8bit_cuda(din.get<float>(), n, 0, code, packed, absmax, flag, nullptr), Status::kInvalidArgument);
+  EXPECT_EQ(qx::quantize_8bit_cuda(din.get<float>(), -1, 256, code, packed, absmax, flag, nullptr),
             Status::kInvalidArgument);
-  EXPECT_EQ(qx::quantize_8bit_cuda(din.get<float>(), n, 256, nullptr, packed, absmax, nullptr),
+  EXPECT_EQ(qx::quantize_8bit_cuda(din.get<float>(), n, 256, nullptr, packed, absmax, flag, nullptr),
             Status::kInvalidArgument);
-  EXPECT_EQ(qx::quantize_8bit_cuda(nullptr, 0, 256, nullptr, nullptr, nullptr, nullptr), Status::kOk);
+  EXPECT_EQ(qx::quantize_8bit_cuda(nullptr, 0, 256, nullptr, nullptr, nullptr, nullptr, nullptr), Status::kOk);
   EXPECT_EQ(qx::dequantize_8bit_cuda(packed, absmax, code, n, -256, dout.get(), DType::kFloat32, nullptr),
             Status::kInvalidArgument);
   EXPECT_EQ(qx::dequantize_8bit_cuda(packed, nullptr, code, n, 256, dout.get(), DType::kFloat32, nullptr),

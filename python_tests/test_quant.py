@@ -266,3 +266,31 @@ def test_public_api_surface():
     assert qlora_ext.quantize_4bit is F.quantize_4bit
     assert qlora_ext.cpu_isa() in ("avx512", "avx2", "scalar")
     assert isinstance(qlora_ext.with_cuda(), bool)
+
+
+def test_double_quant_offset_does_not_depend_on_the_thread_count():
+    # 2048 x 1280 in blocks of 64: 40960 scales, more than torch's CPU mean reduces in one piece (32768), so a
+    # plain absmax.mean() may change in the last bit with torch.get_num_threads(); the offset must not.
+    w = torch.randn(2048, 1280, generator=torch.Generator().manual_seed(3)) * 0.02
+    threads = torch.get_num_threads()
+    states = []
+    try:
+        for t in [1, 2, 3, 4, 7]:
+            torch.set_num_threads(t)
+            states.append(F.quantize_4bit(w, 64, double_quant=True)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    for s in states[1:]:
+        assert s.offset.item() == states[0].offset.item()
+        assert torch.equal(s.absmax, states[0].absmax) and torch.equal(s.nested_absmax, states[0].nested_absmax)
+    _, absmax = R.quantize_4bit_ref(w, 64, "nf4")
+    assert states[0].offset.item() == R.double_quantize_ref(absmax)[2].item()
+
+
+def test_quantize_blockwise_non_finite_is_a_value_error():
+    for bad in [float("nan"), float("inf")]:
+        a = torch.randn(1000)
+        a[10] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            F.quantize_blockwise(a)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
@@ -228,14 +229,36 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     return packed, state
 
 
+_ONE_THREAD = threading.Lock()
+
+
+def double_quant_offset(absmax: torch.Tensor) -> torch.Tensor:
+    """The double-quantization offset: torch's float32 CPU mean of the block absmax, computed on one thread.
+
+    bitsandbytes takes ``absmax.mean()`` on the tensor's device, which is not one number: CUDA's mean rounds
+    differently from the CPU's, and the CPU's own result changes in the last bit with the thread count once
+    the reduction is split (above 32768 blocks). Pinning it to the one-thread CPU mean makes the offset, the
+    nested absmax and the absmax codes identical on every device and thread count, and equal to what
+    bitsandbytes stores when it quantizes on a CPU (AVX2 and AVX-512 give the same bits).
+    """
+    a = absmax.detach().to("cpu", torch.float32)
+    with _ONE_THREAD:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return a.mean()
+        finally:
+            torch.set_num_threads(threads)
+
+
 def _double_quantize(state: QuantState) -> QuantState:
-    # bitsandbytes: offset = absmax.mean() in float32 on the tensor's device, then 8-bit blockwise (256)
-    # quantization of absmax - offset with the signed dynamic map.
+    # offset (see double_quant_offset), then 8-bit blockwise (256) quantization of absmax - offset with the
+    # signed dynamic map, on the absmax's device.
     absmax = state.absmax
-    offset = absmax.mean()
+    offset = double_quant_offset(absmax)
     nested_code = get_code("dynamic_signed", absmax.device)
-    q, nested_absmax = ops.quantize_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
-    return QuantState(q, state.shape, state.dtype, state.blocksize, state.quant_type, state.code, offset.cpu(),
+    q, nested_absmax = ops.quantize_8bit(absmax - offset.to(absmax.device), nested_code, NESTED_BLOCKSIZE)
+    return QuantState(q, state.shape, state.dtype, state.blocksize, state.quant_type, state.code, offset,
                       nested_absmax, nested_code, NESTED_BLOCKSIZE)
 
 
@@ -311,7 +334,8 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
                        blocksize: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization of `A` (float32, float16 or bfloat16, as bitsandbytes accepts; 16-bit
     input gives the codes of its exact float32 values) with a sorted 256-entry map (default: signed
-    dynamic). Returns (uint8 codes shaped like A, float32 absmax per block)."""
+    dynamic). Returns (uint8 codes shaped like A, float32 absmax per block). NaN or Inf in `A` raises
+    ValueError, on every device."""
     if not isinstance(A, torch.Tensor) or A.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quantize_blockwise takes a float32, float16 or bfloat16 tensor, got "
                         f"{A.dtype if isinstance(A, torch.Tensor) else type(A).__name__}")

@@ -5,7 +5,7 @@ agree with it bit for bit (packed bytes, absmax, and dequantized values).
 """
 import torch
 
-from .functional import get_code
+from .functional import double_quant_offset, get_code
 
 
 def _thresholds(code_sorted: torch.Tensor) -> torch.Tensor:
@@ -85,8 +85,9 @@ def dequantize_8bit_ref(q, absmax, code, blocksize, dtype=torch.float32):
 
 
 def double_quantize_ref(absmax: torch.Tensor, nested_blocksize: int = 256):
-    """(uint8 absmax, float32 nested_absmax, float32 offset) as bitsandbytes computes them."""
-    offset = absmax.mean()
+    """(uint8 absmax, float32 nested_absmax, float32 offset) as bitsandbytes computes them on a CPU (the offset
+    pinned to the one-thread CPU mean, see functional.double_quant_offset)."""
+    offset = double_quant_offset(absmax)
     q, nested = quantize_8bit_ref(absmax - offset, get_code("dynamic_signed"), nested_blocksize)
     return q, nested, offset
 

@@ -1,5 +1,6 @@
 // Float conversions shared by the CUDA kernels: float32 -> float16 / bfloat16 with round to nearest even,
-// one element or two packed in a 32-bit word (one cvt.rn.*x2 instruction on sm_80+).
+// one element or two packed in a 32-bit word (one cvt.rn.*x2 instruction on sm_80+). Finite values round as
+// convert.h's CPU twins do; a NaN becomes the canonical NaN (the CPU keeps sign and payload).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -24,6 +24,10 @@ inline const char* status_string(Status s) {
   return "unknown status";
 }
 
+// The CUDA error behind the calling thread's last kCudaError: "cudaErrorName (text) in <call>"; defined in
+// cuda_status.cu (CUDA builds only).
+const char* last_cuda_error();
+
 // Element types the kernels read and write (float32 compute everywhere).
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 

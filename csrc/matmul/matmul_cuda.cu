@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../common/cuda_convert.cuh"
+#include "../common/cuda_status.cuh"
 #include "../quant/codes.h"
 #include "matmul.h"
 
@@ -793,8 +794,6 @@ bool is_aligned(const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>
 
 bool valid_dtype(DType t) { return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16; }
 
-Status launch_status() { return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError; }
-
 // Per (kernel, device): static shared memory, the dynamic shared memory it may use, whether the opt-in
 // limit was raised, and resident CTAs per SM by dynamic shared memory size. Cached: the queries cost more
 // than a small launch.
@@ -812,7 +811,7 @@ std::vector<KernelInfo> g_kernels;
 
 Status kernel_info(const void* fn, KernelInfo** out) {  // call with g_kernel_mu held
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return Status::kCudaError;
+  if (cuda_ok(cudaGetDevice(&dev), "cudaGetDevice") != Status::kOk) return Status::kCudaError;
   for (KernelInfo& k : g_kernels) {
     if (k.fn == fn && k.device == dev) {
       *out = &k;
@@ -821,9 +820,11 @@ Status kernel_info(const void* fn, KernelInfo** out) {  // call with g_kernel_mu
   }
   cudaFuncAttributes attr;
   int sms = 0, optin = 0;
-  if (cudaFuncGetAttributes(&attr, fn) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+  if (cuda_ok(cudaFuncGetAttributes(&attr, fn), "cudaFuncGetAttributes") != Status::kOk ||
+      cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute(SM count)") !=
+          Status::kOk ||
+      cuda_ok(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+              "cudaDeviceGetAttribute(shared memory opt-in)") != Status::kOk)
     return Status::kCudaError;
   KernelInfo k;
   k.fn = fn;
@@ -855,10 +856,11 @@ Status prepare_launch(const void* fn, int threads, size_t dyn, int* slots) {
   KernelInfo* k = nullptr;
   const Status s = kernel_info(fn, &k);
   if (s != Status::kOk) return s;
-  if (dyn > k->max_dynamic) return Status::kCudaError;
+  if (dyn > k->max_dynamic)
+    return cuda_failed(cudaErrorInvalidValue, "prepare_launch (dynamic shared memory above the opt-in limit)");
   if (dyn > 48 * 1024 && !k->raised) {
-    if (cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(k->max_dynamic)) !=
-        cudaSuccess)
+    if (cuda_ok(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(k->max_dynamic)),
+                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)") != Status::kOk)
       return Status::kCudaError;
     k->raised = true;
   }
@@ -869,9 +871,10 @@ Status prepare_launch(const void* fn, int threads, size_t dyn, int* slots) {
     }
   }
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, dyn) != cudaSuccess)
+  if (cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, dyn),
+              "cudaOccupancyMaxActiveBlocksPerMultiprocessor") != Status::kOk)
     return Status::kCudaError;
-  if (per_sm <= 0) return Status::kCudaError;
+  if (per_sm <= 0) return cuda_failed(cudaErrorInvalidConfiguration, "prepare_launch (no CTA fits on an SM)");
   k->per_sm.emplace_back(dyn, per_sm);
   *slots = per_sm * k->sms;
   return Status::kOk;
@@ -904,6 +907,7 @@ Status prepare_args(const void* x, DType xdt, int64_t M, int64_t max_m, const We
   // The kernels count K in 32-bit (a row of 2^31 weights would be 1 GiB of packed bytes).
   if (w.K > kMaxK) return Status::kInvalidArgument;
   if (!valid_dtype(xdt) || !valid_dtype(odt)) return Status::kUnsupported;
+  if (M > 0 && cuda_no_pending() != Status::kOk) return Status::kCudaError;
   a->x = x;
   a->M = M;
   a->w = &w;
@@ -974,7 +978,7 @@ Status launch_gemv(const MatmulArgs& a) {
       gemv4_fast_kernel<XT, M, DQ, false><<<static_cast<unsigned>(grid), kGemvThreads, 0, a.stream>>>(
           w.packed, a.sc, a.code, x, N, K, a.log2_bs, ks_log2, x_vec, a.out, odt);
     }
-    return launch_status();
+    return launch_status("gemv4_fast_kernel");
   }
 
   const void* fn = reinterpret_cast<const void*>(gemv4_generic_kernel<XT, M, DQ>);
@@ -987,7 +991,7 @@ Status launch_gemv(const MatmulArgs& a) {
   const int64_t grid = std::max<int64_t>(1, std::min<int64_t>((N + kGemvWarps - 1) / kGemvWarps, slots));
   gemv4_generic_kernel<XT, M, DQ><<<static_cast<unsigned>(grid), kGemvThreads, dyn, a.stream>>>(
       w.packed, a.sc, a.code, x, N, K, a.log2_bs, xs, a.out, odt);
-  return launch_status();
+  return launch_status("gemv4_generic_kernel");
 }
 
 template <typename XT, bool DQ>
@@ -1020,7 +1024,7 @@ Status launch_gemm(const MatmulArgs& a) {
   gemm4_small_kernel<XT, BM, DQ><<<static_cast<unsigned>(grid), kGemmThreads, 0, a.stream>>>(
       w.packed, a.sc, a.code, x, static_cast<int>(a.M), N, K, a.log2_bs, w_fast, x_fast, a.out,
       static_cast<int>(a.odt));
-  return launch_status();
+  return launch_status("gemm4_small_kernel");
 }
 
 template <typename XT, bool DQ>

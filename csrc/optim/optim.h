@@ -1,7 +1,7 @@
 // Torch-free launchers for the fused optimizer steps (AdamW, Lion; float32 or blockwise 8-bit state) and for
 // the paged (CUDA managed) memory that holds optimizer state. Contract: raw contiguous pointers, element
 // counts, a cudaStream_t passed as void*; every launcher validates its arguments and returns a Status
-// (never throws, never exits). CPU and CUDA updates agree bit for bit (same float32 operations in the same
+// (never throws, never exits). CPU and CUDA updates agree bit for bit on finite data (same float32 operations in the same
 // order, no FMA contraction: the CPU sources build with -ffp-contract=off, the CUDA ones with --fmad=false).
 #pragma once
 #include <cstddef>

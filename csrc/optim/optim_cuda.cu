@@ -1,5 +1,5 @@
 // CUDA twins of the optim.h launchers: one fused kernel per parameter tensor (float32 or blockwise 8-bit state,
-// decode -> update -> re-encode in registers), bit-exact with optim_cpu.cpp (every rounding is an explicit
+// decode -> update -> re-encode in registers), designed bit-exact with optim_cpu.cpp on finite data (every rounding is an explicit
 // _rn intrinsic), and the paged (managed) memory that holds optimizer state. No launcher synchronizes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../common/cuda_status.cuh"
 #include "../quant/quant.h"
 #include "optim.h"
 
@@ -27,15 +28,15 @@ struct Maps8 {  // passed by value (2 KiB of kernel parameters), staged in share
   float u[256];
 };
 
-Status launch_status() { return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError; }
-
-int sm_count() {
-  int dev = 0, count = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    count = 0;
-  cudaGetLastError();
-  return std::max(count, 1);
+Status sm_count(int* count) {
+  int dev = 0;
+  *count = 1;
+  if (cuda_ok(cudaGetDevice(&dev), "cudaGetDevice") != Status::kOk ||
+      cuda_ok(cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute(SM count)") !=
+          Status::kOk)
+    return Status::kCudaError;
+  *count = std::max(*count, 1);
+  return Status::kOk;
 }
 
 // Restores the caller's current device (the paged-memory helpers take an explicit device).
@@ -43,10 +44,11 @@ struct DeviceScope {
   int prev = -1;
   bool ok = false;
   explicit DeviceScope(int device) {
-    ok = cudaGetDevice(&prev) == cudaSuccess && cudaSetDevice(device) == cudaSuccess;
+    ok = cuda_ok(cudaGetDevice(&prev), "cudaGetDevice") == Status::kOk &&
+         cuda_ok(cudaSetDevice(device), "cudaSetDevice") == Status::kOk;
   }
   ~DeviceScope() {
-    if (prev >= 0) cudaSetDevice(prev);
+    if (prev >= 0) cuda_ok(cudaSetDevice(prev), "cudaSetDevice (restoring the current device)");
   }
 };
 
@@ -269,7 +271,10 @@ bool aligned(const void* ptr, size_t a) { return ptr == nullptr || reinterpret_c
 
 template <typename T, OptimKind K>
 Status launch(T* p, const T* g, int64_t n, const OptimState& s, const OptimHyper& h, cudaStream_t stream) {
-  const int64_t cap = int64_t(sm_count()) * 8;  // resident blocks; the kernels stride over the rest
+  if (cuda_no_pending() != Status::kOk) return Status::kCudaError;
+  int sms = 1;
+  if (sm_count(&sms) != Status::kOk) return Status::kCudaError;
+  const int64_t cap = int64_t(sms) * 8;  // resident blocks; the kernels stride over the rest
   if (!s.eight_bit()) {
     const bool vec =
         aligned(p, kVec32 * sizeof(T)) && aligned(g, kVec32 * sizeof(T)) && aligned(s.m, 16) && aligned(s.v, 16);
@@ -287,7 +292,7 @@ Status launch(T* p, const T* g, int64_t n, const OptimState& s, const OptimHyper
     auto kernel = vec ? step8_kernel<T, K, true> : step8_kernel<T, K, false>;
     kernel<<<unsigned(blocks), kThreads, 0, stream>>>(p, g, s.qm, s.qv, s.absmax_m, s.absmax_v, n, h, maps);
   }
-  return launch_status();
+  return launch_status(s.eight_bit() ? "step8_kernel" : "step32_kernel");
 }
 
 template <typename T>
@@ -324,8 +329,7 @@ Status optim_step_cuda(OptimKind kind, void* param, const void* grad, DType dtyp
 Status cuda_mem_info(int device, size_t* free_bytes, size_t* total_bytes) {
   if (device < 0 || !free_bytes || !total_bytes) return Status::kInvalidArgument;
   DeviceScope scope(device);
-  if (!scope.ok || cudaMemGetInfo(free_bytes, total_bytes) != cudaSuccess) {
-    cudaGetLastError();
+  if (!scope.ok || cuda_ok(cudaMemGetInfo(free_bytes, total_bytes), "cudaMemGetInfo") != Status::kOk) {
     return Status::kCudaError;
   }
   return Status::kOk;
@@ -335,8 +339,8 @@ Status paged_alloc(int device, size_t bytes, void** ptr, size_t* free_bytes) {
   if (!ptr || device < 0 || bytes == 0) return Status::kInvalidArgument;
   *ptr = nullptr;
   int concurrent = 0;
-  if (cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentManagedAccess, device) != cudaSuccess) {
-    cudaGetLastError();
+  if (cuda_ok(cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentManagedAccess, device),
+              "cudaDeviceGetAttribute(concurrent managed access)") != Status::kOk) {
     return Status::kCudaError;
   }
   if (!concurrent) return Status::kUnsupported;  // prefetching managed memory needs it
@@ -347,8 +351,7 @@ Status paged_alloc(int device, size_t bytes, void** ptr, size_t* free_bytes) {
   // Managed memory may be oversubscribed, and on these machines that can stall everything: refuse up front.
   if (bytes > free) return Status::kOutOfMemory;
   DeviceScope scope(device);
-  if (!scope.ok || cudaMallocManaged(ptr, bytes, cudaMemAttachGlobal) != cudaSuccess) {
-    cudaGetLastError();
+  if (!scope.ok || cuda_ok(cudaMallocManaged(ptr, bytes, cudaMemAttachGlobal), "cudaMallocManaged") != Status::kOk) {
     *ptr = nullptr;
     return Status::kCudaError;
   }
@@ -357,8 +360,7 @@ Status paged_alloc(int device, size_t bytes, void** ptr, size_t* free_bytes) {
 
 Status paged_free(void* ptr) {
   if (!ptr) return Status::kOk;
-  if (cudaFree(ptr) != cudaSuccess) {
-    cudaGetLastError();
+  if (cuda_ok(cudaFree(ptr), "cudaFree") != Status::kOk) {
     return Status::kCudaError;
   }
   return Status::kOk;
@@ -370,8 +372,8 @@ Status paged_prefetch(const void* ptr, size_t bytes, int device, void* stream) {
   loc.type = device < 0 ? cudaMemLocationTypeHost : cudaMemLocationTypeDevice;
   loc.id = device < 0 ? 0 : device;
   // CUDA 13 signature: (ptr, bytes, location, flags, stream).
-  if (cudaMemPrefetchAsync(ptr, bytes, loc, 0, static_cast<cudaStream_t>(stream)) != cudaSuccess) {
-    cudaGetLastError();
+  if (cuda_ok(cudaMemPrefetchAsync(ptr, bytes, loc, 0, static_cast<cudaStream_t>(stream)), "cudaMemPrefetchAsync") !=
+      Status::kOk) {
     return Status::kCudaError;
   }
   return Status::kOk;

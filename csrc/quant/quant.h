@@ -70,8 +70,9 @@ Status quantize_4bit_cuda(const void* A, DType dtype, int64_t n, int64_t blocksi
                           uint8_t* packed, float* absmax, int* error_flag, void* stream);
 Status dequantize_4bit_cuda(const uint8_t* packed, const AbsmaxView& scales, int64_t n, int64_t blocksize,
                             QuantType qt, void* out, DType out_dtype, void* stream);
+// `error_flag` as for quantize_4bit_cuda: set to 1 when A holds NaN or Inf.
 Status quantize_8bit_cuda(const float* A, int64_t n, int64_t blocksize, const float* code, uint8_t* out,
-                          float* absmax, void* stream);
+                          float* absmax, int* error_flag, void* stream);
 Status dequantize_8bit_cuda(const uint8_t* A, const float* absmax, const float* code, int64_t n,
                             int64_t blocksize, void* out, DType out_dtype, void* stream);
 

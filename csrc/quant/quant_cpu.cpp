@@ -1,5 +1,5 @@
 // CPU kernels for blockwise 4-bit and 8-bit quantization: scalar reference semantics, with AVX2 and
-// AVX-512 dequantize paths picked at run time. Bit-exact with the CUDA kernels (see quant.h).
+// AVX-512 dequantize paths picked at run time. Bit-exact with the CUDA kernels on finite data (see quant_cuda.cu).
 // Built with -ffp-contract=off: a fused multiply-add would change the last bit of the double-quantized
 // scale (map * nested + offset must be two roundings, as in bitsandbytes).
 // GCC 12 reports the intrinsics' internal "undefined" registers as maybe-uninitialized.

@@ -1,5 +1,7 @@
-// CUDA twins of the quant.h launchers (blockwise NF4/FP4 and 8-bit), bit-exact with quant_cpu.cpp: every
-// rounding step is an explicit _rn intrinsic so that no FMA contraction or fast-math can change a bit.
+// CUDA twins of the quant.h launchers (blockwise NF4/FP4 and 8-bit), designed bit-exact with quant_cpu.cpp on
+// finite data: every rounding step is an explicit _rn intrinsic so that no FMA contraction or fast-math can
+// change a bit. NaN results are NaN on both, but the GPU's arithmetic and conversions produce the canonical
+// NaN where the CPU keeps the input's sign and payload (no bit-level promise for NaN).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -13,6 +15,7 @@
 #include <vector>
 
 #include "../common/cuda_convert.cuh"
+#include "../common/cuda_status.cuh"
 #include "codes.h"
 #include "quant.h"
 
@@ -248,16 +251,14 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  if constexpr (MODE != kMode8) {
-    if (__any_sync(0xffffffffu, bad) && lane == 0) *error_flag = 1;
-  }
+  if (__any_sync(0xffffffffu, bad) && lane == 0) *error_flag = 1;
 }
 
 // 8-bit quantize for block sizes the tiled kernel cannot split (not a power of two >= 64): one warp per
 // block, two passes (the second mostly hits L1/L2). The CPU reference accepts any block size > 0.
 __global__ void __launch_bounds__(kThreads)
     quantize_8bit_generic_kernel(const float* __restrict__ A, int64_t n, int64_t bs, const float* __restrict__ code,
-                                 uint8_t* __restrict__ out, float* __restrict__ absmax) {
+                                 uint8_t* __restrict__ out, float* __restrict__ absmax, int* __restrict__ error_flag) {
   __shared__ float s_mid[255];
   grid8_midpoints(code, s_mid, threadIdx.x, kThreads);
   __syncthreads();
@@ -267,10 +268,16 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t b = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) >> 5; b < nblocks; b += nwarps) {
     const int64_t e0 = b * bs, e1 = bs < n - e0 ? e0 + bs : n;
     float m = 0.0f;
-    for (int64_t i = e0 + lane; i < e1; i += 32) m = fmaxf(m, fabsf(A[i]));
+    bool bad = false;
+    for (int64_t i = e0 + lane; i < e1; i += 32) {
+      const float a = fabsf(A[i]);
+      bad |= !(a <= FLT_MAX);
+      m = fmaxf(m, a);
+    }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     if (lane == 0) absmax[b] = m;
+    if (__any_sync(0xffffffffu, bad) && lane == 0) *error_flag = 1;
     const bool zero = (m == 0.0f);
     const float r = __frcp_rn(m);
     for (int64_t i = e0 + lane; i < e1; i += 32)
@@ -469,8 +476,6 @@ bool is_aligned(const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>
 
 bool valid_dtype(DType t) { return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16; }
 
-Status launch_status() { return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError; }
-
 // CTAs that fit on the current device at once: grids are capped there and grid-stride over the rest.
 // Cached per (kernel, device) because the occupancy query costs more than launching a small kernel.
 Status resident_ctas(const void* kernel, int* out) {
@@ -482,7 +487,7 @@ Status resident_ctas(const void* kernel, int* out) {
   static std::mutex mu;
   static std::vector<Entry> cache;
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return Status::kCudaError;
+  if (cuda_ok(cudaGetDevice(&dev), "cudaGetDevice") != Status::kOk) return Status::kCudaError;
   {
     std::lock_guard<std::mutex> lock(mu);
     for (const Entry& e : cache) {
@@ -493,8 +498,10 @@ Status resident_ctas(const void* kernel, int* out) {
     }
   }
   int sms = 0, per_sm = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess)
+  if (cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute(SM count)") !=
+          Status::kOk ||
+      cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0),
+              "cudaOccupancyMaxActiveBlocksPerMultiprocessor") != Status::kOk)
     return Status::kCudaError;
   const int ctas = std::max(1, sms) * std::max(1, per_sm);
   {
@@ -505,7 +512,9 @@ Status resident_ctas(const void* kernel, int* out) {
   return Status::kOk;
 }
 
+// Also the entry check of every launch: an error left pending by an earlier CUDA call is reported first.
 Status grid_size(const void* kernel, int64_t work_ctas, int* grid) {
+  if (cuda_no_pending() != Status::kOk) return Status::kCudaError;
   int limit = 1;
   if (resident_ctas(kernel, &limit) != Status::kOk) return Status::kCudaError;
   *grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work_ctas, limit)));
@@ -524,7 +533,7 @@ Status launch_quantize(const void* A, int64_t n, int log2_bs, const Thresholds& 
   const bool vec_in = is_aligned(A, 16);
   const bool vec_out = is_aligned(out, MODE == kMode8 ? 8 : 4);
   kernel<<<grid, kThreads, 0, stream>>>(a, n, log2_bs, thr, code8, out, absmax, error_flag, vec_in, vec_out);
-  return launch_status();
+  return launch_status(MODE == kMode8 ? "quantize_blockwise_kernel (8-bit)" : "quantize_blockwise_kernel (4-bit)");
 }
 
 template <typename T, int MODE>
@@ -546,7 +555,7 @@ Status launch_dequantize_4bit(const uint8_t* packed, const ScaleArgs& sc, const 
     return Status::kCudaError;
   const bool vec = is_aligned(out, 16), packed16 = is_aligned(packed, 16);
   kernel<<<grid, kThreads, 0, stream>>>(packed, sc, code, n, log2_bs, static_cast<OutT*>(out), vec, packed16);
-  return launch_status();
+  return launch_status("dequantize_4bit_kernel");
 }
 
 template <typename OutT>
@@ -561,7 +570,7 @@ Status launch_dequantize_8bit(const uint8_t* A, const float* absmax, const float
   const int log2_bs = log2_exact(bs);
   const bool vec = log2_bs >= 0 && bs >= V && is_aligned(A, V) && is_aligned(out, 16);
   kernel<<<grid, kThreads, 0, stream>>>(A, absmax, code, n, bs, log2_bs, static_cast<OutT*>(out), vec);
-  return launch_status();
+  return launch_status("dequantize_8bit_kernel");
 }
 
 }  // namespace
@@ -637,26 +646,25 @@ Status dequantize_4bit_cuda(const uint8_t* packed, const AbsmaxView& scales, int
 }
 
 // Block sizes: any value > 0, as quantize_8bit_cpu accepts; powers of two >= 64 take the tiled kernel.
-// NaN / Inf are not reported here (the signature has no flag); the CPU twin returns kNonFinite.
 Status quantize_8bit_cuda(const float* A, int64_t n, int64_t blocksize, const float* code, uint8_t* out,
-                          float* absmax, void* stream) {
+                          float* absmax, int* error_flag, void* stream) {
   if (n < 0 || blocksize <= 0) return Status::kInvalidArgument;
   if (n == 0) return Status::kOk;
-  if (!A || !code || !out || !absmax) return Status::kInvalidArgument;
+  if (!A || !code || !out || !absmax || !error_flag) return Status::kInvalidArgument;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (valid_blocksize_8bit(blocksize)) {
     const int log2_bs = log2_exact(blocksize);
     if (log2_bs >= 6)
-      return dispatch_quantize_chunks<float, kMode8>(A, n, log2_bs, host_tables().nf4_thr, code, out, absmax, nullptr,
-                                                     st);
+      return dispatch_quantize_chunks<float, kMode8>(A, n, log2_bs, host_tables().nf4_thr, code, out, absmax,
+                                                     error_flag, st);
   }
   auto kernel = quantize_8bit_generic_kernel;
   int grid = 1;
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   if (grid_size(reinterpret_cast<const void*>(kernel), (nblocks + kWarps - 1) / kWarps, &grid) != Status::kOk)
     return Status::kCudaError;
-  kernel<<<grid, kThreads, 0, st>>>(A, n, blocksize, code, out, absmax);
-  return launch_status();
+  kernel<<<grid, kThreads, 0, st>>>(A, n, blocksize, code, out, absmax, error_flag);
+  return launch_status("quantize_8bit_generic_kernel");
 }
 
 Status dequantize_8bit_cuda(const uint8_t* A, const float* absmax, const float* code, int64_t n, int64_t blocksize,

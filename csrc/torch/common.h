@@ -40,6 +40,10 @@ inline QuantType to_quant_type(c10::string_view s) {
 }
 
 inline void check_status(Status st, const std::string& context) {
+#ifdef QX_WITH_CUDA
+  // A CUDA failure names the CUDA error (cudaGetErrorName + cudaGetErrorString) and the call that failed.
+  QX_CHECK(st != Status::kCudaError, context, ": CUDA error ", qx::last_cuda_error());
+#endif
   QX_CHECK(st == Status::kOk, context, ": ", qx::status_string(st));
 }
 

@@ -115,8 +115,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit(const at::Tensor& A_in, const a
   } else {
 #ifdef QX_WITH_CUDA
     const c10::cuda::CUDAGuard guard(A.device());
+    at::Tensor flag = at::zeros({1}, A.options().dtype(at::kInt));
     st = qx::quantize_8bit_cuda(A.data_ptr<float>(), n, blocksize, code.data_ptr<float>(), out.data_ptr<uint8_t>(),
-                                absmax.data_ptr<float>(), stream_of(A));
+                                absmax.data_ptr<float>(), flag.data_ptr<int>(), stream_of(A));
+    if (st == Status::kOk && flag.item<int>() != 0) st = Status::kNonFinite;  // one sync, as in quantize_4bit
 #else
     QX_CHECK(false, "this build of qlora_ext has no CUDA kernels; got a tensor on ", A.device());
     st = Status::kUnsupported;
