@@ -115,8 +115,9 @@ QX_MM_AVX512 void gemv_rows_avx512(const float* x, const Weight4& w, const float
 // + shift/mask/or that spread the nibbles to one index byte each, four plane lookups, eight unpacks, four
 // multiplies by the block's scale, then four FMAs per row of x. The unpacks are in-lane, so the index bytes
 // are laid out so that the four float vectors come out as weights 0-7, 8-15, 16-23, 24-31 in order: lane 0
-// holds weights {0-3, 8-11, 16-19, 24-27} (packed bytes 0,1,4,5,8,9,12,13), lane 1 the others. Segment
-// heads that start mid-byte and tails under 32 weights take the scalar path (same products, same rounding).
+// holds weights {0-3, 8-11, 16-19, 24-27} (packed bytes 0,1,4,5,8,9,12,13), lane 1 the others. A segment
+// head that starts mid-byte takes one scalar element; a tail under 32 weights is decoded element by element
+// (same rounding) into a zero-padded vector and multiplied with masked loads of x (lanes past it not read).
 template <int M>
 QX_MM_AVX2 void gemv_rows_avx2(const float* x, const Weight4& w, const float* code, int64_t r0, int64_t r1,
                                float* out, int64_t ldo) {
@@ -175,10 +176,21 @@ QX_MM_AVX2 void gemv_rows_avx2(const float* x, const Weight4& w, const float* co
           for (int m = 0; m < M; ++m)
             acc[m][j % NA] = _mm256_fmadd_ps(_mm256_loadu_ps(xk + m * K + 8 * j), v[j], acc[m][j % NA]);
       }
-      for (; i < seg_end; ++i) {  // 0..31 weights left
-        const uint8_t byte = packed[i >> 1];
-        const float wv = code[(i & 1) ? (byte & 0xf) : (byte >> 4)] * a;
-        for (int m = 0; m < M; ++m) tail[m] += x[m * K + (i - row0)] * wv;
+      if (i < seg_end) {  // 1..31 weights left (i even): decoded one by one, then masked vector FMAs
+        const int64_t rem = seg_end - i;
+        alignas(32) float wt[32] = {};
+        for (int64_t j = 0; j < rem; ++j) {
+          const uint8_t byte = packed[(i + j) >> 1];
+          wt[j] = code[(j & 1) ? (byte & 0xf) : (byte >> 4)] * a;
+        }
+        const float* xk = x + (i - row0);
+        for (int j = 0; 8 * j < rem; ++j) {
+          const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem - 8 * j)),
+                                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+          const __m256 v = _mm256_load_ps(wt + 8 * j);
+          for (int m = 0; m < M; ++m)
+            acc[m][j % NA] = _mm256_fmadd_ps(_mm256_maskload_ps(xk + m * K + 8 * j, lanes), v, acc[m][j % NA]);
+        }
       }
       e = seg_end;
     }

@@ -83,7 +83,7 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
                            at::IntArrayRef shape, at::ScalarType dtype) {
   to_dtype(dtype, "the output dtype");
   checked_numel(shape);
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  at::Tensor out = empty_output(shape, packed.options().dtype(dtype));
   dequantize_4bit_out(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize, quant_type,
                       shape, out);
   return out;
