@@ -1,7 +1,7 @@
 // CPU 4-bit matmul: a fused dequantize-multiply for small M and the row tiles of the large-M path.
-// The weights used are exactly the dequantized ones (code[nibble] * scale, one float32 rounding). AVX-512:
-// the GEMV decodes 32 weights at a time in registers and feeds them straight into FMAs with every row of x.
-// AVX2 / scalar: rows of W are decoded a chunk at a time into an L1-resident buffer by the dequantize
+// The weights used are exactly the dequantized ones (code[nibble] * scale, one float32 rounding). AVX-512
+// and AVX2: the GEMV decodes 32 weights at a time in registers and feeds them straight into FMAs with every
+// row of x. Scalar: rows of W are decoded a chunk at a time into an L1-resident buffer by the dequantize
 // kernels, then dotted with every row of x.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -19,7 +19,7 @@
 namespace qx {
 namespace {
 
-// K is walked in chunks of kChunk; kRows rows of W are decoded per chunk into an L1-resident buffer, so a
+// Scalar GEMV: K is walked in chunks of kChunk; kRows rows of W are decoded per chunk into an L1-resident buffer, so a
 // chunk of x (M x kChunk floats, <= 8 KiB) is loaded from L1 once per kRows rows rather than once per row.
 constexpr int64_t kChunk = 256;
 constexpr int64_t kRows = 4;
@@ -34,37 +34,6 @@ void dots_scalar(const float* x, int64_t ldx, int64_t M, const float* w, int64_t
     for (; i < len; ++i) a0 += xm[i] * w[i];
     acc[m] += a0 + a1;
   }
-}
-
-__attribute__((target("avx2,fma"))) void dots_avx2(const float* x, int64_t ldx, int64_t M, const float* w,
-                                                   int64_t len, float* acc) {
-  __m256 a[kGemvMaxM];
-  for (int64_t m = 0; m < M; ++m) a[m] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-    const __m256 wv = _mm256_loadu_ps(w + i);
-    for (int64_t m = 0; m < M; ++m) a[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + i), wv, a[m]);
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a[m]), _mm256_extractf128_ps(a[m], 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    float sum = _mm_cvtss_f32(h);
-    for (int64_t j = i; j < len; ++j) sum += x[m * ldx + j] * w[j];
-    acc[m] += sum;
-  }
-}
-
-__attribute__((target("avx512f"))) void dots_avx512(const float* x, int64_t ldx, int64_t M, const float* w,
-                                                    int64_t len, float* acc) {
-  __m512 a[kGemvMaxM];
-  for (int64_t m = 0; m < M; ++m) a[m] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < len; i += 16) {  // masked tail: no scalar loop
-    const __mmask16 k = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1);
-    const __m512 wv = _mm512_maskz_loadu_ps(k, w + i);
-    for (int64_t m = 0; m < M; ++m) a[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + m * ldx + i), wv, a[m]);
-  }
-  for (int64_t m = 0; m < M; ++m) acc[m] += _mm512_reduce_add_ps(a[m]);
 }
 
 #define QX_MM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
@@ -136,22 +105,116 @@ QX_MM_AVX512 void gemv_rows_avx512(const float* x, const Weight4& w, const float
   }
 }
 
-using GemvRowsFn = void (*)(const float*, const Weight4&, const float*, int64_t, int64_t, float*, int64_t);
-GemvRowsFn pick_gemv_avx512(int64_t M) {
-  static constexpr GemvRowsFn table[kGemvMaxM] = {gemv_rows_avx512<1>, gemv_rows_avx512<2>, gemv_rows_avx512<3>,
-                                                  gemv_rows_avx512<4>, gemv_rows_avx512<5>, gemv_rows_avx512<6>,
-                                                  gemv_rows_avx512<7>, gemv_rows_avx512<8>};
-  static_assert(kGemvMaxM == 8, "one instantiation per M");
-  return table[M - 1];
+
+#define QX_MM_AVX2 __attribute__((target("avx2,fma")))
+
+// Fused AVX2 GEMV over rows [r0, r1) of W, the same contract as gemv_rows_avx512. AVX2 has no 16-entry
+// float permute, so the 16-entry code is looked up a byte at a time: vpshufb over the code's four byte
+// planes (byte b of every code value, one 16-byte table per plane) gives four byte vectors, and two rounds
+// of in-lane unpacks reassemble the float32 values. Per 32 weights: one 16-byte broadcast load, one vpshufb
+// + shift/mask/or that spread the nibbles to one index byte each, four plane lookups, eight unpacks, four
+// multiplies by the block's scale, then four FMAs per row of x. The unpacks are in-lane, so the index bytes
+// are laid out so that the four float vectors come out as weights 0-7, 8-15, 16-23, 24-31 in order: lane 0
+// holds weights {0-3, 8-11, 16-19, 24-27} (packed bytes 0,1,4,5,8,9,12,13), lane 1 the others. A segment
+// head that starts mid-byte takes one scalar element; a tail under 32 weights is decoded element by element
+// (same rounding) into a zero-padded vector and multiplied with masked loads of x (lanes past it not read).
+template <int M>
+QX_MM_AVX2 void gemv_rows_avx2(const float* x, const Weight4& w, const float* code, int64_t r0, int64_t r1,
+                               float* out, int64_t ldo) {
+  constexpr int NA = M == 1 ? 4 : M == 2 ? 2 : 1;  // independent FMA chains per row of x (latency)
+  const int64_t K = w.K, bs = w.blocksize;
+  const int bs_shift = __builtin_ctzll(static_cast<unsigned long long>(bs));  // block sizes are powers of two
+  alignas(32) uint8_t planes[4][32];
+  for (int i = 0; i < 16; ++i) {
+    uint32_t u;
+    std::memcpy(&u, code + i, 4);
+    for (int b = 0; b < 4; ++b) planes[b][i] = planes[b][i + 16] = static_cast<uint8_t>(u >> (8 * b));
+  }
+  const __m256i t0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[0]));
+  const __m256i t1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[1]));
+  const __m256i t2 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[2]));
+  const __m256i t3 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[3]));
+  // each packed byte twice (one 16-bit word per byte, one byte per nibble)
+  const __m256i dup = _mm256_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13,  //
+                                       2, 2, 3, 3, 6, 6, 7, 7, 10, 10, 11, 11, 14, 14, 15, 15);
+  const __m256i lo_mask = _mm256_set1_epi16(0x000f), hi_mask = _mm256_set1_epi16(0x0f00);
+  const uint8_t* packed = w.packed;
+  for (int64_t n = r0; n < r1; ++n) {
+    __m256 acc[M][NA];
+    float tail[M];
+    for (int m = 0; m < M; ++m) {
+      for (int j = 0; j < NA; ++j) acc[m][j] = _mm256_setzero_ps();
+      tail[m] = 0.0f;
+    }
+    const int64_t row0 = n * K, row1 = row0 + K;
+    for (int64_t e = row0; e < row1;) {
+      const int64_t b = e >> bs_shift, seg_end = std::min(row1, (b + 1) << bs_shift);
+      const float a = detail::block_scale(w.scales, b);
+      const __m256 va = _mm256_set1_ps(a);
+      int64_t i = e;
+      if (i & 1) {  // the row starts on a low nibble (K odd)
+        const float wv = code[packed[i >> 1] & 0xf] * a;
+        for (int m = 0; m < M; ++m) tail[m] += x[m * K + (i - row0)] * wv;
+        ++i;
+      }
+      for (; i + 32 <= seg_end; i += 32) {
+        const __m256i q = _mm256_shuffle_epi8(
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1)))), dup);
+        // word = byte | byte << 8: low byte <- high nibble (element 2j), high byte <- low nibble (2j + 1)
+        const __m256i idx = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), lo_mask),
+                                            _mm256_and_si256(q, hi_mask));
+        const __m256i b0 = _mm256_shuffle_epi8(t0, idx), b1 = _mm256_shuffle_epi8(t1, idx);
+        const __m256i b2 = _mm256_shuffle_epi8(t2, idx), b3 = _mm256_shuffle_epi8(t3, idx);
+        const __m256i l0 = _mm256_unpacklo_epi8(b0, b1), l1 = _mm256_unpackhi_epi8(b0, b1);
+        const __m256i h0 = _mm256_unpacklo_epi8(b2, b3), h1 = _mm256_unpackhi_epi8(b2, b3);
+        const __m256 v[4] = {_mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(l0, h0)), va),
+                             _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(l0, h0)), va),
+                             _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(l1, h1)), va),
+                             _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(l1, h1)), va)};
+        const float* xk = x + (i - row0);
+        for (int j = 0; j < 4; ++j)
+          for (int m = 0; m < M; ++m)
+            acc[m][j % NA] = _mm256_fmadd_ps(_mm256_loadu_ps(xk + m * K + 8 * j), v[j], acc[m][j % NA]);
+      }
+      if (i < seg_end) {  // 1..31 weights left (i even): decoded one by one, then masked vector FMAs
+        const int64_t rem = seg_end - i;
+        alignas(32) float wt[32] = {};
+        for (int64_t j = 0; j < rem; ++j) {
+          const uint8_t byte = packed[(i + j) >> 1];
+          wt[j] = code[(j & 1) ? (byte & 0xf) : (byte >> 4)] * a;
+        }
+        const float* xk = x + (i - row0);
+        for (int j = 0; 8 * j < rem; ++j) {
+          const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem - 8 * j)),
+                                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+          const __m256 v = _mm256_load_ps(wt + 8 * j);
+          for (int m = 0; m < M; ++m)
+            acc[m][j % NA] = _mm256_fmadd_ps(_mm256_maskload_ps(xk + m * K + 8 * j, lanes), v, acc[m][j % NA]);
+        }
+      }
+      e = seg_end;
+    }
+    for (int m = 0; m < M; ++m) {
+      __m256 s = acc[m][0];
+      for (int j = 1; j < NA; ++j) s = _mm256_add_ps(s, acc[m][j]);
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+      out[m * ldo + n] = _mm_cvtss_f32(h) + tail[m];
+    }
+  }
 }
 
-using DotsFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*);
-DotsFn pick_dots() {
-  switch (detail::isa_level()) {
-    case 2: return dots_avx512;
-    case 1: return dots_avx2;
-    default: return dots_scalar;
-  }
+using GemvRowsFn = void (*)(const float*, const Weight4&, const float*, int64_t, int64_t, float*, int64_t);
+GemvRowsFn pick_gemv(int64_t M) {
+  static constexpr GemvRowsFn avx512[kGemvMaxM] = {gemv_rows_avx512<1>, gemv_rows_avx512<2>, gemv_rows_avx512<3>,
+                                                   gemv_rows_avx512<4>, gemv_rows_avx512<5>, gemv_rows_avx512<6>,
+                                                   gemv_rows_avx512<7>, gemv_rows_avx512<8>};
+  static constexpr GemvRowsFn avx2[kGemvMaxM] = {gemv_rows_avx2<1>, gemv_rows_avx2<2>, gemv_rows_avx2<3>,
+                                                 gemv_rows_avx2<4>, gemv_rows_avx2<5>, gemv_rows_avx2<6>,
+                                                 gemv_rows_avx2<7>, gemv_rows_avx2<8>};
+  static_assert(kGemvMaxM == 8, "one instantiation per M");
+  return (detail::isa_level() == 2 ? avx512 : avx2)[M - 1];
 }
 
 bool valid(const Weight4& w) {
@@ -197,25 +260,24 @@ Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void
     xf = xbuf.data();
   }
   const float* code = code4(w.qt);
-  if (detail::isa_level() == 2) {
+  if (detail::isa_level() >= 1) {  // fused: AVX-512 or AVX2
     // float32 results go straight to out; other dtypes through a float32 buffer (rounded once)
     std::vector<float> obuf(odt == DType::kFloat32 ? 0 : M * N);
     float* o = odt == DType::kFloat32 ? static_cast<float*>(out) : obuf.data();
-    // Rows of x in groups of 8 (the register budget); each group sweeps a tile of W rows (~256 KiB packed)
+    // Rows of x in groups of 8 (the register budget; AVX2 takes at most 8); each group sweeps a tile of W rows (~256 KiB packed)
     // that stays in L2 for the next group, so the packed weight comes from memory once.
     const int64_t tile = std::max<int64_t>(1, (int64_t(256) << 10) / (K / 2 + 1));
     parallel_for(N, std::max<int64_t>(1, 32768 / K), [&](int64_t r0, int64_t r1) {
       for (int64_t t0 = r0; t0 < r1; t0 += tile) {
         const int64_t t1 = std::min(r1, t0 + tile);
         for (int64_t m0 = 0; m0 < M; m0 += 8)
-          pick_gemv_avx512(std::min<int64_t>(8, M - m0))(xf + m0 * K, w, code, t0, t1, o + m0 * N, N);
+          pick_gemv(std::min<int64_t>(8, M - m0))(xf + m0 * K, w, code, t0, t1, o + m0 * N, N);
       }
     });
     if (odt != DType::kFloat32)
       for (int64_t i = 0; i < M * N; ++i) store_elem(out, odt, i, obuf[i]);
     return Status::kOk;
   }
-  const DotsFn dots = pick_dots();
   // ~32K weights per task: enough work to amortize the hand-off, enough tasks to balance two cores
   const int64_t grain = std::max<int64_t>(kRows, (32768 / K + kRows - 1) / kRows * kRows);
   parallel_for((N + kRows - 1) / kRows, std::max<int64_t>(1, grain / kRows), [&](int64_t t0, int64_t t1) {
@@ -229,7 +291,7 @@ Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t e = (n0 + r) * K + k0;
           detail::dequantize_4bit_range(w.packed, w.scales, w.blocksize, code, wbuf[r], DType::kFloat32, e, e + len);
-          dots(xf + k0, K, M, wbuf[r], len, acc[r]);
+          dots_scalar(xf + k0, K, M, wbuf[r], len, acc[r]);
         }
       }
       for (int64_t r = 0; r < rows; ++r)

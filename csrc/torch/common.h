@@ -79,6 +79,11 @@ inline int64_t checked_numel(at::IntArrayRef shape) {
   return n;
 }
 
+// A new contiguous tensor for an op's result: on CPU, outputs of at least kLargeOutputBytes come from
+// 2 MiB-aligned mappings advised for transparent huge pages (large_alloc.cpp), elsewhere at::empty.
+constexpr size_t kLargeOutputBytes = size_t(32) << 20;
+at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& opts);
+
 struct WeightArgs {
   at::Tensor packed;  // viewed as bytes
   qx::AbsmaxView view;

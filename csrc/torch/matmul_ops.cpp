@@ -76,14 +76,14 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
 
   if (x.is_cpu()) {
     if (M <= qx::gemv_4bit_cpu_max_m()) {
-      at::Tensor out = at::empty({M, N}, x.options());
+      at::Tensor out = empty_output({M, N}, x.options());
       check_status(qx::gemv_4bit_cpu(x2.data_ptr(), xdt, M, a.w, out.data_ptr(), xdt),
                    "matmul_4bit(x " + shape_str(x) + ", W " + c10::str(shape) + ")");
       return out.view(out_shape);
     }
     // Large M: float32 compute on dequantized row tiles, each multiplied by the platform GEMM.
     at::Tensor xf = x2.to(at::kFloat);
-    at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+    at::Tensor out = empty_output({M, N}, x.options().dtype(at::kFloat));
     const int64_t tn = tile_rows(N, K);
     at::Tensor tile = at::empty({tn, K}, x.options().dtype(at::kFloat));
     for (int64_t n0 = 0; n0 < N; n0 += tn) {
@@ -137,7 +137,7 @@ at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const
     // N < 2K (4096x4096, M=1024: 0.83x dense g @ W by columns, 1.03x by rows; 11008x4096, M=256: rows).
     at::Tensor gf = g.to(at::kFloat).contiguous();
     if (N < 2 * K) {
-      at::Tensor out = at::empty({M, K}, grad.options().dtype(at::kFloat));
+      at::Tensor out = empty_output({M, K}, grad.options().dtype(at::kFloat));
       const int64_t tk = tile_rows(K, N);
       at::Tensor buf = at::empty({N * tk}, grad.options().dtype(at::kFloat));
       for (int64_t k0 = 0; k0 < K; k0 += tk) {
@@ -150,7 +150,7 @@ at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const
       }
       return out.to(grad.scalar_type()).view(out_shape);
     }
-    at::Tensor out = at::zeros({M, K}, grad.options().dtype(at::kFloat));
+    at::Tensor out = empty_output({M, K}, grad.options().dtype(at::kFloat)).zero_();
     const int64_t tn = tile_rows(N, K);
     at::Tensor tile = at::empty({tn, K}, grad.options().dtype(at::kFloat));
     for (int64_t n0 = 0; n0 < N; n0 += tn) {

@@ -86,7 +86,7 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
   // small buffers is a bad checkpoint, not an allocation failure.
   weight_args(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize, quant_type,
               checked_numel(shape));
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  at::Tensor out = empty_output(shape, packed.options().dtype(dtype));
   dequantize_4bit_out(packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize, quant_type,
                       shape, out);
   return out;

@@ -1,0 +1,67 @@
+"""CPU-specific paths: every instruction set this machine runs (QLORA_EXT_CPU_ISA caps the choice, read once
+per process, so each cap runs in a fresh interpreter) gives the fused GEMV's results within 2x F.linear's
+error against a float64 reference; large outputs come from huge-page mappings and behave as ordinary
+tensors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qlora_ext import functional as F
+from qlora_ext._ops import _C
+
+_GEMV_CHECK = r"""
+import json, sys, torch
+from qlora_ext import functional as F
+from qlora_ext._ops import _C
+bad = []
+g = torch.Generator().manual_seed(7)
+for N, K, bs, qt in [(33, 1000, 64, "nf4"), (31, 77, 32, "nf4"), (70, 4099, 256, "fp4"), (9, 4096, 128, "nf4"),
+                     (5, 31, 32, "fp4")]:
+    w = torch.randn(N, K, generator=g) * 0.05
+    packed, state = F.quantize_4bit(w, bs, qt, True)
+    W = F.dequantize_4bit(packed, state).double()
+    for M in range(1, 9):
+        x = torch.randn(M, K, generator=g)
+        ref = x.double() @ W.t()
+        e = (F.matmul_4bit(x, packed, state).double() - ref).abs().max().item()
+        el = (torch.nn.functional.linear(x, W.float()).double() - ref).abs().max().item()
+        if not e <= 2 * el + torch.finfo(torch.float32).eps * ref.abs().max().item():
+            bad.append(f"M={M} N={N} K={K} bs={bs} {qt}: {e:.3g} vs F.linear {el:.3g}")
+print(json.dumps({"isa": _C.cpu_isa(), "bad": bad}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "native"])
+def test_gemv_every_isa_against_reference(isa):
+    native = _C.cpu_isa()
+    if isa == "avx2" and native == "scalar":
+        pytest.skip("this CPU has no AVX2 (the scalar case covers it)")
+    env = dict(os.environ)
+    env.pop("QLORA_EXT_CPU_ISA", None)
+    if isa != "native":
+        env["QLORA_EXT_CPU_ISA"] = isa
+    out = subprocess.run([sys.executable, "-c", _GEMV_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["isa"] == (native if isa == "native" else isa)
+    assert not res["bad"], res["bad"]
+
+
+def test_large_output_is_an_ordinary_tensor():
+    w = torch.randn(4096, 2049) * 0.02  # 32 MiB + 16 KiB of float32: above the huge-page threshold
+    packed, state = F.quantize_4bit(w, 64, "nf4", True)
+    ref = torch.empty(4096, 2049)
+    F.dequantize_4bit(packed, state, out=ref)  # the caller's tensor: torch's own allocator
+    y = F.dequantize_4bit(packed, state)
+    assert y.is_contiguous() and y.shape == (4096, 2049) and torch.equal(y, ref)
+    assert y.untyped_storage().data_ptr() % (2 << 20) == 0  # a 2 MiB-aligned mapping
+    y.resize_(4096, 4096)  # grows through the same allocator, keeping the data
+    assert torch.equal(y.view(-1)[: ref.numel()], ref.view(-1))
+    y.fill_(1.0)
+    del y  # unmapped here (a second free or a bad length would crash the process)
+    small = F.dequantize_4bit(*F.quantize_4bit(torch.randn(64, 64)))
+    assert small.shape == (64, 64)
