@@ -316,7 +316,7 @@ def _model_dir(name, files):
     return {f"{name}/": "@fixture-without-weights", **{f"{name}/{k}": v for k, v in files.items()}}
 
 
-# Cases the current CLI already handles: one line, non-zero exit, no traceback.
+# Each case: one line naming the problem, non-zero exit, no traceback.
 PASSING_CLI_CASES = [
     ("missing data file", _ft("--data", "{tmp}/missing.jsonl"), {}, ["missing.jsonl"]),
     ("lr zero", _ft("--lr", "0"), {}, ["--lr"]),
@@ -324,10 +324,7 @@ PASSING_CLI_CASES = [
     ("model path that does not exist", _ft("--model", "{tmp}/nowhere"), {}, ["nowhere"]),
 ]
 
-# Fixed by the `cli` branch (issue 21's trainer / CLI half: a top-level handler for every user error, NaN /
-# Inf arguments, model and resume-state validation). On this branch they still end in a traceback or a
-# silent success; they are strict xfails so that, once both branches are merged, each one that passes
-# fails loudly here: the lead then moves them into PASSING_CLI_CASES.
+# Fixed with the CLI's top-level handler (issue 21): before it, each ended in a traceback or a silent success.
 CLI_CASES = [
     ("non-UTF-8 data file", _ft("--data", "{tmp}/latin1.jsonl"),
      {"latin1.jsonl": b'{"instruction": "caf\xe9", "input": "", "output": "x"}\n'}, ["latin1.jsonl"]),
@@ -419,15 +416,9 @@ def _check_one_line_error(r, needles):
         assert needle in errors[0], f"{needle!r} not in: {errors[0]}"
 
 
-@pytest.mark.parametrize("name,argv,files,needles", PASSING_CLI_CASES, ids=[c[0] for c in PASSING_CLI_CASES])
+@pytest.mark.parametrize("name,argv,files,needles", PASSING_CLI_CASES + CLI_CASES,
+                         ids=[c[0] for c in PASSING_CLI_CASES + CLI_CASES])
 def test_cli_bad_input(cli_env, tmp_path, name, argv, files, needles):
-    _check_one_line_error(_run_cli(cli_env, tmp_path, argv, files), needles)
-
-
-@pytest.mark.xfail(strict=True, reason="fixed by the cli branch (issue 21, trainer / CLI half); move to "
-                                       "PASSING_CLI_CASES after merging it")
-@pytest.mark.parametrize("name,argv,files,needles", CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_cli_bad_input_fixed_by_cli_branch(cli_env, tmp_path, name, argv, files, needles):
     _check_one_line_error(_run_cli(cli_env, tmp_path, argv, files), needles)
 
 
