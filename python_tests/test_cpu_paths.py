@@ -36,7 +36,7 @@ print(json.dumps({"isa": _C.cpu_isa(), "bad": bad}))
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "native"])
-def test_gemv_every_isa_against_reference(isa):
+def test_gemv_every_isa_against_reference(isa, tmp_path):
     native = _C.cpu_isa()
     if isa == "avx2" and native == "scalar":
         pytest.skip("this CPU has no AVX2 (the scalar case covers it)")
@@ -44,7 +44,9 @@ def test_gemv_every_isa_against_reference(isa):
     env.pop("QLORA_EXT_CPU_ISA", None)
     if isa != "native":
         env["QLORA_EXT_CPU_ISA"] = isa
-    out = subprocess.run([sys.executable, "-c", _GEMV_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    # cwd outside the repository: `python -c` puts the cwd first on sys.path, and the source tree has no _C
+    out = subprocess.run([sys.executable, "-c", _GEMV_CHECK], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["isa"] == (native if isa == "native" else isa)
