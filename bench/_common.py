@@ -1,6 +1,23 @@
 """Helpers shared by the bench scripts (each script runs as `python bench/X.py`, so this directory is on
-sys.path): the machine's CPU name, /proc/self/status fields, markdown tables."""
+sys.path): the machine's CPU name, /proc/self/status fields, markdown tables, the commit measured."""
+import pathlib
 import platform
+import subprocess
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def git_commit(short: bool = True, sep: str = " + ") -> str:
+    """HEAD of the repository (abbreviated unless short=False), with `sep`"uncommitted changes" appended when
+    tracked files differ from it; "unknown" outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return head + (sep + "uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def cpu_model() -> str:

@@ -7,14 +7,13 @@ and one-thread CPU time (time.thread_time, torch.set_num_threads(1)), which pree
 Figures are medians with the interquartile range. Usage: python bench/bench_cpu_gemv.py [--out FILE]
 """
 import argparse
-import subprocess
 import time
 
 import torch
 
 import qlora_ext
 from qlora_ext import functional as F
-from _common import cpu_model
+from _common import cpu_model, git_commit
 
 
 def q(v, p):
@@ -69,7 +68,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     load = open("/proc/loadavg").read().split()[:3]
     lines = [f"CPU: {cpu_model()}, kernels: {qlora_ext.cpu_isa() if hasattr(qlora_ext, 'cpu_isa') else ''}, "
              f"commit {commit}, load average at start {' '.join(load)} (shared machine), torch {torch.__version__}", ""]

@@ -16,20 +16,9 @@ import sys
 import tempfile
 import time
 
-from _common import cpu_model, md_table
+from _common import cpu_model, git_commit, md_table
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main():
@@ -62,7 +51,7 @@ def main():
              for t in tasks]
     lines = [
         "# The default `qlora-ext finetune`, re-measured by bench/bench_finetune.py", "",
-        f"- commit: {commit()}; date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- commit: {git_commit()}; date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {cpu_model()}; device {s['device']}; {a.note or 'no note on machine load'}",
         f"- command: `qlora-ext finetune --output-dir RUN --no-progress {' '.join(a.extra)}`".rstrip() + "",
         f"- model: {s['model']} (base_model {s['base_model']}); {s['train_examples']} train / "

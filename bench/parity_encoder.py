@@ -31,7 +31,6 @@ import pathlib  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -43,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import parity  # noqa: E402
+from _common import git_commit  # noqa: E402
 
 CONFIGS = parity.CONFIGS
 TASKS = ("intent", "paraphrase")
@@ -115,18 +115,7 @@ def evaluate(model, feats, pad_id: int, batch_size: int = 64) -> Dict:
     return {"loss": loss / len(feats), "accuracy": correct / len(feats), "examples": len(feats)}
 
 
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-COMMIT = git_commit()   # at start: the code this process runs, whatever is committed while it trains
+COMMIT = git_commit(short=False, sep="+")   # at start: the code this process runs, whatever is committed while it trains
 
 
 def load_float_model(path, num_labels: int):
@@ -491,7 +480,7 @@ def main(argv=None) -> int:
         held_feats = [f for task in a.tasks for f in encode(tokenizer, tasks[task][2], a.max_length)]
         inputs = capture_inputs(fm, held_feats, pad, a.qerr_tokens)
         qerr = parity.quant_error(weights, inputs)
-        pre = {"zero_shot": zs, "commit": git_commit(),
+        pre = {"zero_shot": zs, "commit": git_commit(short=False, sep="+"),
                "ordering_weights": parity.ordering_counts(qerr, "per_layer_weight_rel_mse"),
                "ordering_outputs": parity.ordering_counts(qerr, "per_layer_output_rel_mse"),
                "output_rel_mse_by_kind": {f: per_layer_kind(r["per_layer_output_rel_mse"]) for f, r in qerr.items()},
