@@ -102,6 +102,17 @@ def test_finetune_outputs(trained, capsys):
     assert json.loads((out / "run_config.json").read_text())["lora"]["r"] == 8
 
 
+def test_loss_plot_without_matplotlib_is_skipped_with_one_line(tmp_path, monkeypatch, capsys):
+    # A run must not fail at its very end over the PNG (e.g. an image without matplotlib, like the GPU machine's).
+    recs = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval": "after", "loss": 1.4}]
+    assert T.plot_losses(recs, tmp_path / "a.png") and (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    from qlora_ext.train import reporting
+    monkeypatch.setitem(reporting._LOG, "enabled", True)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert T.plot_losses(recs, tmp_path / "b.png") is False and not (tmp_path / "b.png").exists()
+    assert "b.png not written: matplotlib is not installed" in capsys.readouterr().err
+
+
 def test_existing_output_dir_is_never_overwritten(tiny, trained, capsys):
     before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
     one_line_error(capsys, main(ft_args(tiny, trained, "--max-steps", "2")), "already exists")

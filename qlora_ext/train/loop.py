@@ -248,7 +248,7 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     tokenizer.save_pretrained(str(adapter_dir))  # so `generate --adapter` finds the chat template too
     metrics.close()
     records = MetricsLog.read(out / "metrics.jsonl")
-    plot_losses(records, out / "loss_curve.png")
+    plotted = plot_losses(records, out / "loss_curve.png")
     before = state["eval_before"] or {}
     best = evaluator.best or {}
     summary = {
@@ -264,7 +264,7 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
         "tokens_per_s": state["tokens"] / max(state["train_time"], 1e-9),
         "peak_memory": memory_bytes(device)["peak"],
         "adapter": str(adapter_dir), "metrics": str(out / "metrics.jsonl"),
-        "loss_curve": str(out / "loss_curve.png"), "output_dir": str(out),
+        "loss_curve": str(out / "loss_curve.png") if plotted else None, "output_dir": str(out),
     }
     ckpt_io.write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return summary

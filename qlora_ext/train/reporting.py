@@ -91,10 +91,16 @@ class MetricsLog:
         return [json.loads(ln) for ln in pathlib.Path(path).read_text().splitlines() if ln.strip()]
 
 
-def plot_losses(records: List[Dict], path: pathlib.Path):
+def plot_losses(records: List[Dict], path: pathlib.Path) -> bool:
     """loss_curve.png: training loss per optimizer step, held-out loss during training as a line, before /
-    after as markers."""
-    import matplotlib
+    after as markers. Returns False, saying so in one line, when matplotlib is not installed: the plot is the
+    one output of a run that can be redrawn later from metrics.jsonl, so a finished run does not fail over it."""
+    try:
+        import matplotlib
+    except ImportError:
+        log(f"{path.name} not written: matplotlib is not installed (pip install matplotlib; "
+            f"metrics.jsonl has the same figures)")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     steps = [r["step"] for r in records if "loss" in r and "eval" not in r]
@@ -118,6 +124,7 @@ def plot_losses(records: List[Dict], path: pathlib.Path):
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+    return True
 
 
 def progress_bar(enabled: bool, total: int, initial: int):
@@ -144,5 +151,5 @@ def format_summary(s: Dict) -> str:
         lines.append(f"best held-out loss {s['best_eval_loss']:.3f} at step {s['best_step']}")
     lines.append(f"{s['steps']} steps, training {s['train_seconds']:.0f} s ({s['tokens_per_s']:.0f} tokens/s), "
                  f"total {s['total_seconds']:.0f} s, peak memory {fmt_bytes(s['peak_memory'])}")
-    lines.append(f"adapter: {s['adapter']}   metrics: {s['metrics']}   loss curve: {s['loss_curve']}")
+    lines.append(f"adapter: {s['adapter']}   metrics: {s['metrics']}   loss curve: {s['loss_curve'] or 'not plotted'}")
     return "\n".join(lines)
