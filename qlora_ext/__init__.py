@@ -6,8 +6,7 @@ import sys as _sys
 
 # OpenMP on a shared machine (bench/results/bench_threads_cpu.md): libgomp's default wait policy spins ~300000
 # iterations at each barrier before sleeping, so when other processes keep the cores busy a 2-thread step
-# runs several times slower than with PASSIVE (sleep at once), which costs nothing measurable on a 2-core
-# step. libgomp reads the variable once, when torch loads it: it can only be set here if torch is not yet
+# runs several times slower than with PASSIVE (sleep at once), the fastest setting measured there. libgomp reads the variable once, when torch loads it: it can only be set here if torch is not yet
 # imported; a value the user set is kept. Otherwise prepare_model_for_training says how to set it.
 OMP_POLICY_SET_LATE = "torch" in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ
 if "torch" not in _sys.modules:
