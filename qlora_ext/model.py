@@ -348,7 +348,9 @@ def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = 
     statistics need it, and with them embeddings and float heads, which then receive float32 activations,
     as PEFT's prepare_model_for_kbit_training does; packed weights and their scales are left as they are);
     makes the input embeddings' output require grad (so checkpointed blocks see a graph although the
-    embedding is frozen); and turns on non-reentrant gradient checkpointing (use_cache off)."""
+    embedding is frozen); turns on non-reentrant gradient checkpointing (use_cache off); and, for the model
+    families of qlora_ext.lm.PLAIN_HEAD_MODEL_TYPES with a float head, makes `model(..., labels=...)` compute
+    its loss in chunks of the vocabulary (the full logits exist once, returned without a graph)."""
     _warn_spinning_openmp(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -371,6 +373,8 @@ def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = 
                             f"PreTrainedModel is needed); pass gradient_checkpointing=False")
         if getattr(getattr(model, "config", None), "use_cache", None):
             model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
+    from .lm import install_chunked_loss
+    install_chunked_loss(model)   # forward(labels=...) computes the loss in chunks of the vocabulary
     return model
 
 
