@@ -124,6 +124,11 @@ def _chunked_causal_lm_forward(self, input_ids=None, *args, labels=None, **kwarg
     return CausalLMOutputWithPast(loss=loss, logits=logits.view(*h.shape[:-1], vocab), **extra)
 
 
+# named "forward": a pickled model (bound methods pickle by name) then reloads with transformers' forward,
+# unchunked but working
+_chunked_causal_lm_forward.__name__ = "forward"
+
+
 def install_chunked_loss(model) -> bool:
     """Routes the model's forward with `labels` through the chunked head loss (see _chunked_causal_lm_forward);
     True when installed (a supported model family with a float head), idempotent."""
