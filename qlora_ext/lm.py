@@ -4,8 +4,10 @@ perplexity and exact match of greedy answers, computed from one forward pass ove
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
+import types
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -33,25 +35,39 @@ def plain_head(model) -> bool:
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i @ W^T, y_i) for a frozen head W, in chunks of rows: each chunk's logits, softmax and
-    gradient with respect to h are computed together and dropped, so no [tokens, vocab] tensor outlives a
-    chunk (the plain path keeps logits, log-softmax and their gradient, three of them). The gradient for h
-    is exact: (softmax(logits) - onehot(y)) @ W, stored for backward ([tokens, hidden], small)."""
+    """sum_i CE(h_i @ W^T + b, y_i) over the rows whose label is not `ignore_index`, for a frozen head W, in
+    chunks of rows: each chunk's logits, softmax and gradient with respect to h are computed together and
+    dropped, so no [tokens, vocab] float32 tensor outlives a chunk (the plain path keeps logits, log-softmax and
+    their gradient, three of them). The gradient for h is exact: (softmax(logits) - onehot(y)) @ W, stored
+    for backward ([tokens, hidden], small). `logits_out` ([tokens, vocab], optional): the logits are also
+    written there (no graph), for callers that must return them."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels):
+    def forward(ctx, h, weight, bias, labels, logits_out=None, ignore_index=-100):
         rows = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(h) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, h.shape[0], rows):
-            logits = F.linear(h[i:i + rows], weight, bias).float()
+            if logits_out is not None:
+                chunk = logits_out[i:i + rows]
+                torch.mm(h[i:i + rows], weight.t(), out=chunk)
+                if bias is not None:
+                    chunk += bias
+                logits = chunk.float()
+            else:
+                logits = F.linear(h[i:i + rows], weight, bias).float()
             y = labels[i:i + rows]
+            valid = y != ignore_index
+            y = torch.where(valid, y, 0)
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            total += torch.where(valid, lse - logits.gather(1, y[:, None]).squeeze(1), 0.0).sum()
             if need_grad:
-                p = torch.exp(logits.sub_(lse[:, None]))          # softmax, in place of the logits
+                # softmax, in place of the chunk's own logits (a fresh tensor when they are the caller's)
+                p = torch.exp(logits.sub_(lse[:, None]) if logits_out is None or logits is not chunk
+                              else logits - lse[:, None])
                 p[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                p.mul_(valid[:, None])
                 grad_h[i:i + rows] = p.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_h if need_grad else None)
         return total
@@ -59,15 +75,68 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None, None
+
+
+def _frozen_linear(head) -> bool:
+    return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
 
 
 def head_cross_entropy(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies of head(h) against labels, float32; chunked when the head is frozen."""
-    frozen = not any(p.requires_grad for p in head.parameters())
-    if frozen and type(head) is torch.nn.Linear:
+    if _frozen_linear(head):
         return _ChunkedHeadCrossEntropy.apply(h, head.weight, head.bias, labels)
     return F.cross_entropy(head(h).float(), labels, reduction="sum")
+
+
+def _chunked_causal_lm_forward(self, input_ids=None, *args, labels=None, **kwargs):
+    """transformers' CausalLM forward with `labels`, for the PLAIN_HEAD_MODEL_TYPES and a frozen float head
+    (installed by prepare_model_for_training): the decoder, then the loss through _ChunkedHeadCrossEntropy,
+    so the full-vocabulary logits exist once (returned, without a graph: the loss carries the gradient)
+    instead of three times (logits, log-softmax and their gradient). Same loss as transformers' (labels
+    shifted inside, or `shift_labels`; `ignore_index`; mean over the labelled tokens, or sum /
+    `num_items_in_batch`). Anything else (no labels, positional arguments past input_ids, `logits_to_keep`,
+    `return_dict=False`, a trainable or quantized head) runs the original forward."""
+    head = self.get_output_embeddings()
+    if (labels is None or args or not plain_head(self) or not _frozen_linear(head)
+            or kwargs.get("return_dict", True) is False or kwargs.get("logits_to_keep", 0) not in (0, None)):
+        return self._qlora_ext_forward(input_ids, *args, labels=labels, **kwargs)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+    kwargs.pop("logits_to_keep", None)
+    out = self.model(input_ids=input_ids, **kwargs)
+    h = out.last_hidden_state
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    y = shift_labels.reshape(-1).to(h.device)
+    vocab = head.weight.shape[0]
+    logits = torch.empty(h.shape[:-1].numel(), vocab, dtype=head.weight.dtype, device=h.device)
+    total = _ChunkedHeadCrossEntropy.apply(h.reshape(-1, h.shape[-1]), head.weight, head.bias, y, logits,
+                                           ignore_index)
+    if num_items is None:
+        loss = total / (y != ignore_index).sum()
+    else:
+        loss = total / (num_items.to(total.device) if torch.is_tensor(num_items) else num_items)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    extra = {k: v for k, v in out.items() if k in fields and k not in ("loss", "logits")}
+    return CausalLMOutputWithPast(loss=loss, logits=logits.view(*h.shape[:-1], vocab), **extra)
+
+
+# named "forward": a pickled model (bound methods pickle by name) then reloads with transformers' forward,
+# unchunked but working
+_chunked_causal_lm_forward.__name__ = "forward"
+
+
+def install_chunked_loss(model) -> bool:
+    """Routes the model's forward with `labels` through the chunked head loss (see _chunked_causal_lm_forward);
+    True when installed (a supported model family with a float head), idempotent."""
+    if not plain_head(model) or "_qlora_ext_forward" in vars(model):
+        return "_qlora_ext_forward" in vars(model)
+    model._qlora_ext_forward = model.forward
+    model.forward = types.MethodType(_chunked_causal_lm_forward, model)
+    return True
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:

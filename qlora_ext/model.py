@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -323,13 +324,34 @@ def merge_lora(model: nn.Module) -> dict:
     return report
 
 
+_warned_omp = False
+
+
+def _warn_spinning_openmp(model: nn.Module) -> None:
+    """One warning per process when a CPU model will train under libgomp's spinning default wait policy
+    (torch imported before qlora_ext with OMP_WAIT_POLICY unset): see qlora_ext/__init__.py."""
+    global _warned_omp
+    from . import OMP_POLICY_SET_LATE
+    p = next(model.parameters(), None)
+    if _warned_omp or not OMP_POLICY_SET_LATE or p is None or p.device.type != "cpu":
+        return
+    _warned_omp = True
+    warnings.warn("OpenMP threads spin while waiting (torch was imported before qlora_ext with OMP_WAIT_POLICY "
+                  "unset): a CPU training step can run several times slower when other processes use the cores; "
+                  "set OMP_WAIT_POLICY=PASSIVE in the environment, or import qlora_ext before torch",
+                  RuntimeWarning, stacklevel=3)
+
+
 def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
     """Readies a 4-bit model for LoRA training, in place: freezes every base parameter (active LoRA adapters
     stay trainable); puts every float parameter that is not a packed 4-bit weight in float32 (norms, whose
     statistics need it, and with them embeddings and float heads, which then receive float32 activations,
     as PEFT's prepare_model_for_kbit_training does; packed weights and their scales are left as they are);
     makes the input embeddings' output require grad (so checkpointed blocks see a graph although the
-    embedding is frozen); and turns on non-reentrant gradient checkpointing (use_cache off)."""
+    embedding is frozen); turns on non-reentrant gradient checkpointing (use_cache off); and, for the model
+    families of qlora_ext.lm.PLAIN_HEAD_MODEL_TYPES with a float head, makes `model(..., labels=...)` compute
+    its loss in chunks of the vocabulary (the full logits exist once, returned without a graph)."""
+    _warn_spinning_openmp(model)
     for p in model.parameters():
         p.requires_grad_(False)
     packed = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}
@@ -351,6 +373,8 @@ def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = 
                             f"PreTrainedModel is needed); pass gradient_checkpointing=False")
         if getattr(getattr(model, "config", None), "use_cache", None):
             model.config.use_cache = False  # the KV cache is useless while training and conflicts with checkpointing
+    from .lm import install_chunked_loss
+    install_chunked_loss(model)   # forward(labels=...) computes the loss in chunks of the vocabulary
     return model
 
 
