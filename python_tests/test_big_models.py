@@ -1,0 +1,110 @@
+"""tools/make_model.py on the tiny size (the big sizes are benchmarks: bench/bench_big_load.py, bench/results):
+both layouts load with transformers through QLoRAConfig, and the 4-bit layout's bytes are exactly what
+quantizing the float layout's tensors gives."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "make_model.py"
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    out = tmp_path_factory.mktemp("made") / "tiny"
+    res = subprocess.run([sys.executable, str(TOOL), "--size", "tiny", "--layout", "both", "--out", str(out),
+                          "--shard-size", "150KB"], capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr
+    return out, out.with_name("tiny-nf4")
+
+
+def _read_all(directory: pathlib.Path):
+    from safetensors.torch import load_file
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(directory / f)))
+    assert set(sd) == set(index["weight_map"])
+    return sd, files
+
+
+def test_layouts_are_sharded_as_transformers_writes_them(made):
+    flt, nf4 = made
+    for d in (flt, nf4):
+        sd, files = _read_all(d)
+        assert len(files) > 1 and files[0].startswith("model-00001-of-")
+        for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+            assert (d / name).is_file(), name
+    cfg = json.loads((nf4 / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["bnb_4bit_quant_type"] == "nf4"
+    assert qc["bnb_4bit_use_double_quant"] is True and qc["load_in_4bit"] is True
+    assert "quantization_config" not in json.loads((flt / "config.json").read_text())
+    fsd, _ = _read_all(flt)
+    assert all(t.dtype == torch.bfloat16 for t in fsd.values())
+    w = fsd["model.layers.0.mlp.down_proj.weight"].float()
+    assert 0.015 < w.std().item() < 0.025  # LLaMA's initialisation scale
+    assert torch.equal(fsd["model.norm.weight"], torch.ones_like(fsd["model.norm.weight"]))
+
+
+def test_nf4_layout_bytes_equal_quantizing_the_float_layout(made):
+    import qlora_ext as Q
+    flt, nf4 = made
+    fsd, _ = _read_all(flt)
+    qsd, _ = _read_all(nf4)
+    linear = [k for k in fsd if k.endswith("_proj.weight")]
+    assert len(linear) == 14
+    for k, v in fsd.items():
+        if k in linear:
+            packed, state = Q.quantize_4bit(v, 64, "nf4", True)
+            expect = {k: packed, **state.as_dict(k + ".")}
+            got = {e: qsd[e] for e in qsd if e == k or e.startswith(k + ".")}
+            assert set(got) == set(expect), k
+            for e in expect:
+                assert got[e].dtype == expect[e].dtype and torch.equal(got[e], expect[e]), e
+        else:
+            assert torch.equal(qsd[k], v), k  # embeddings, norms, head: the same bfloat16 tensors
+
+
+def test_both_layouts_load_with_transformers(made):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import qlora_ext as Q
+    flt, nf4 = made
+    a = AutoModelForCausalLM.from_pretrained(str(flt), quantization_config=Q.QLoRAConfig(), dtype=torch.float32)
+    b = Q.load_quantized(str(nf4), Q.QLoRAConfig(compute_dtype=torch.float32), dtype=torch.float32)
+    la = {n: m for n, m in a.named_modules() if isinstance(m, Q.nn.Linear4bit)}
+    lb = {n: m for n, m in b.named_modules() if isinstance(m, Q.nn.Linear4bit)}
+    assert set(la) == set(lb) and len(la) == 14
+    for n in la:
+        assert torch.equal(la[n].weight, lb[n].weight), n
+        assert torch.equal(la[n].quant_state.absmax, lb[n].quant_state.absmax), n
+    tok = AutoTokenizer.from_pretrained(str(flt))
+    ids = tok.apply_chat_template([{"role": "user", "content": "Sort: 3, 1, 2"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    assert int(ids.max()) < a.config.vocab_size
+    with torch.no_grad():
+        la_, lb_ = a(ids).logits, b(ids).logits
+    assert torch.isfinite(la_).all() and torch.allclose(la_, lb_)
+
+
+def test_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
+    sys.path.insert(0, str(TOOL.parent))
+    try:
+        import make_model
+    finally:
+        sys.path.remove(str(TOOL.parent))
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(SystemExit, match=r"not enough disk: 17\.34 GB needed"):
+        make_model.main(["--size", "7B", "--out", str(tmp_path / "m")])
