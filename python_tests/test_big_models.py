@@ -108,3 +108,35 @@ def test_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
     with pytest.raises(SystemExit, match=r"not enough disk: 17\.34 GB needed"):
         make_model.main(["--size", "7B", "--out", str(tmp_path / "m")])
+
+
+def test_loading_leaves_no_view_of_the_checkpoint_mapping(made):
+    """Views of the memory-mapped safetensors would keep the file's pages resident: after loading, neither
+    from_pretrained's nor load_quantized's model holds a tensor inside a mapping of the checkpoint."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    import qlora_ext as Q
+    from qlora_ext.model import _mapped_ranges
+    flt, nf4 = made
+    for d, load in ((nf4, lambda d: Q.load_quantized(str(d), Q.QLoRAConfig())),
+                    (flt, lambda d: AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16,
+                                                                         quantization_config=Q.QLoRAConfig()))):
+        model = load(d)
+        gc.collect()
+        files = sorted(d.glob("*.safetensors"))
+        ranges = _mapped_ranges(files)
+        tensors = list(model.parameters()) + list(model.buffers())
+        for m in model.modules():
+            if isinstance(m, Q.nn.Linear4bit):
+                qs = m.quant_state
+                tensors += [t for t in (qs.absmax, qs.offset, qs.nested_absmax, qs.code, qs.nested_code)
+                            if t is not None]
+        inside = [t.shape for t in tensors
+                  if any(lo <= t.untyped_storage().data_ptr() < hi for lo, hi in ranges)]
+        assert not inside, (d.name, inside[:5])
+        assert not ranges, f"{d.name}: the checkpoint is still mapped: {len(ranges)} ranges"
+        x = torch.tensor([[1, 5, 9]])
+        with torch.no_grad():
+            assert torch.isfinite(model(x).logits).all()

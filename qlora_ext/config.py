@@ -308,6 +308,8 @@ if _HAVE_TRANSFORMERS:
             empty = [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and not m.is_quantized]
             if empty:
                 raise ValueError(f"the checkpoint has no weight for the 4-bit layers {empty}")
+            from .model import release_checkpoint_mapping
+            release_checkpoint_mapping(model)  # views of the memory-mapped checkpoint would keep it resident
             # PEFT's prepare_model_for_kbit_training turns gradient checkpointing on (and makes the embeddings'
             # output require grad) only for models flagged is_loaded_in_4bit, as transformers flags bitsandbytes
             # models. transformers' num_parameters() (called by Trainer every step) imports bitsandbytes when it

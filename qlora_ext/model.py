@@ -21,7 +21,7 @@ from .functional import dequantize_4bit, quantize_4bit
 from .nn import Linear4bit, LoraLinear4bit
 
 __all__ = ["quantize_model", "load_quantized", "save_quantized", "prepare_model_for_training", "merge_lora",
-           "export_merged", "memory_report"]
+           "export_merged", "memory_report", "release_checkpoint_mapping"]
 
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
 
@@ -184,7 +184,65 @@ def load_quantized(path, config: Optional[QLoRAConfig] = None, **from_pretrained
         kw = dict(config=hf_config, quantization_config=config)
     kw.update(use_safetensors=True)
     kw.update(from_pretrained_kwargs)
-    return model_class.from_pretrained(path, **kw)
+    return model_class.from_pretrained(path, **kw)  # the quantizer releases the checkpoint's mapping
+
+
+def _mapped_ranges(files) -> Optional[List[tuple]]:
+    """Address ranges of this process's memory mappings of `files` (every .safetensors file when None), from
+    /proc/self/maps; None where that is missing."""
+    names = None if files is None else {str(Path(f).resolve()) for f in files}
+    ranges = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(maxsplit=5)
+                path = parts[5].rstrip("\n") if len(parts) == 6 else ""
+                if (path in names) if names is not None else path.endswith(".safetensors"):
+                    lo, hi = parts[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return None
+    return ranges
+
+
+@torch.no_grad()
+def release_checkpoint_mapping(model: nn.Module, files=None) -> int:
+    """Gives the model its own copy of every tensor that is still a view of a memory-mapped checkpoint file.
+
+    transformers' loader hands out views of the safetensors mapping for tensors that need no conversion
+    (float tensors already in the target dtype, the packed bytes and scales of a 4-bit checkpoint), and such
+    a view keeps the whole mapping, with every page read while loading, resident and attributed to the process.
+    Copying the views, one at a time, lets the mapping go. Exactly the tensors inside a mapping of `files`
+    (default: any .safetensors file) are copied, found through /proc/self/maps; where /proc is missing, every
+    CPU tensor is. The transformers quantizer calls this after loading, so from_pretrained(...,
+    quantization_config=QLoRAConfig()) and load_quantized need nothing more. Returns the bytes copied."""
+    ranges = _mapped_ranges(files)
+    if ranges is not None and not ranges:
+        return 0
+
+    def mapped(t) -> bool:
+        if t is None or t.device.type != "cpu" or t.is_meta:
+            return False
+        if ranges is None:
+            return True
+        ptr = t.untyped_storage().data_ptr()
+        return any(lo <= ptr < hi for lo, hi in ranges)
+
+    copied = 0
+    for m in model.modules():
+        for group in (m._parameters, m._buffers):
+            for k, t in group.items():
+                if mapped(t):
+                    t.data = t.data.clone()
+                    copied += t.numel() * t.element_size()
+        qs = getattr(m, "quant_state", None) if isinstance(m, Linear4bit) else None
+        if qs is not None:
+            for k in ("absmax", "offset", "nested_absmax", "code", "nested_code"):
+                t = getattr(qs, k, None)
+                if mapped(t):
+                    setattr(qs, k, t.clone())
+                    copied += t.numel() * t.element_size()
+    return copied
 
 
 def _four_bit_layers(model: nn.Module):

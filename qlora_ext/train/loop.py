@@ -103,7 +103,7 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     # FSDP2 gathers a decoder layer's parameters in one float32 buffer: the packed bytes are viewed as float32
     storage = torch.float32 if cfg.distributed == "fsdp" else torch.uint8
     model = run_model.load_for_training(spec, cfg.quant, cfg.lora, device, cfg.gradient_checkpointing,
-                                        resume_from, storage)
+                                        resume_from, storage, progress=cfg.progress and main)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not n_trainable:
         raise SetupError("no trainable parameters after add_lora (do --target-modules match any layer?)")
