@@ -103,7 +103,7 @@ def child(mode: str, path: str, dtype_name: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", action="append", required=True, help="checkpoint directory (repeatable)")
+    ap.add_argument("--model", action="append", help="checkpoint directory (repeatable)")
     ap.add_argument("--mode", action="append", choices=MODES, help="default: all; from_pretrained: float only")
     ap.add_argument("--dtype", default="float32", help="load / compute dtype (finetune's on CPU: float32)")
     ap.add_argument("--out", default=None, help="markdown file to write (plus a .json beside it)")
@@ -112,6 +112,8 @@ def main() -> int:
     if args.child:
         print("RESULT " + json.dumps(child(*args.child)), flush=True)
         return 0
+    if not args.model:
+        ap.error("--model is required")
     rows, results = [], []
     for d in args.model:
         prequant = "quantization_config" in json.loads((Path(d) / "config.json").read_text())

@@ -140,3 +140,41 @@ def test_loading_leaves_no_view_of_the_checkpoint_mapping(made):
         x = torch.tensor([[1, 5, 9]])
         with torch.no_grad():
             assert torch.isfinite(model(x).logits).all()
+
+
+def test_16bit_embeddings_and_head(made):
+    """prepare_model_for_training(embedding_dtype=bfloat16) keeps the embeddings and the untied head in 16 bits
+    (norms float32): the loss (chunked head and the model's own forward) and the LoRA gradients stay close to
+    the float32 ones, and the model holds half the bytes for them."""
+    import qlora_ext as Q
+    from qlora_ext.lm import token_loss
+    flt, _ = made
+    ids = torch.tensor([[1, 17, 42, 99, 7, 300, 5, 2], [1, 8, 9, 10, 11, 12, 13, 2]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def run(dtype):
+        torch.manual_seed(0)
+        m = Q.load_quantized(str(flt), Q.QLoRAConfig(compute_dtype=torch.float32), dtype=torch.bfloat16)
+        m = Q.prepare_model_for_training(m, embedding_dtype=dtype)
+        m = Q.add_lora(m, r=4, lora_alpha=8, lora_dropout=0.0)
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)  # a non-zero adapter, so A gets a gradient too
+        s, n = token_loss(m, batch)
+        s.backward()
+        logits = m(input_ids=ids).logits
+        grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad])
+        return m, float(s.detach()) / n, logits, grads
+
+    m32, l32, lg32, g32 = run(torch.float32)
+    m16, l16, lg16, g16 = run(torch.bfloat16)
+    assert m16.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert m16.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert m16.model.norm.weight.dtype == torch.float32 and m32.get_input_embeddings().weight.dtype == torch.float32
+    assert abs(l16 - l32) < 0.01 * abs(l32)
+    assert lg16.dtype == torch.bfloat16 and torch.allclose(lg16.float(), lg32, atol=0.05 * lg32.abs().max().item())
+    assert torch.isfinite(g16).all() and torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+    emb = 2 * 512 * 64  # input embeddings + head elements of the tiny model
+    assert Q.memory_report(m32)["other_bytes"] - Q.memory_report(m16)["other_bytes"] == 2 * emb
+    with pytest.raises(ValueError, match="embedding_dtype"):
+        Q.prepare_model_for_training(m16, embedding_dtype=torch.int8)

@@ -65,8 +65,8 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
 def head_cross_entropy(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies of head(h) against labels, float32; chunked when the head is frozen."""
     frozen = not any(p.requires_grad for p in head.parameters())
-    if frozen and type(head) is torch.nn.Linear:
-        return _ChunkedHeadCrossEntropy.apply(h, head.weight, head.bias, labels)
+    if frozen and type(head) is torch.nn.Linear:  # a 16-bit head (prepare_model_for_training) takes 16-bit input
+        return _ChunkedHeadCrossEntropy.apply(h.to(head.weight.dtype), head.weight, head.bias, labels)
     return F.cross_entropy(head(h).float(), labels, reduction="sum")
 
 

@@ -71,7 +71,9 @@ def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.de
             model = api("quantize_model")(model.to(device), config)
         else:
             # load_quantized copies what is left of the memory-mapped checkpoint (release_checkpoint_mapping)
-            model = api("load_quantized")(spec.path, config, dtype=dtype, **spec.hf_kwargs())
+            # 16-bit embeddings: the float tensors load in 16-bit (never in float32); norms go to float32 later
+            load_dtype = dtype if quant.embedding_dtype == "float32" else getattr(torch, quant.embedding_dtype)
+            model = api("load_quantized")(spec.path, config, dtype=load_dtype, **spec.hf_kwargs())
             model = model.to(device)
     except ImportError as exc:
         raise _missing_dependency(exc, spec) from None
@@ -116,7 +118,8 @@ def load_for_training(spec: ModelSpec, quant: QuantSettings, lora: LoraSettings,
     """Model preparation in one call: 4-bit frozen base, checkpointing-ready, plus the LoRA adapter (fresh, or
     the one saved in `resume_adapter`, which then carries the same LoRA settings)."""
     model = load_quantized_model(spec, quant, device, quant_storage, progress)
-    model = api("prepare_model_for_training")(model, gradient_checkpointing=gradient_checkpointing)
+    model = api("prepare_model_for_training")(model, gradient_checkpointing=gradient_checkpointing,
+                                              embedding_dtype=getattr(torch, quant.embedding_dtype))
     if resume_adapter is not None:
         return api("load_adapter")(model, str(resume_adapter), adapter_name="default")
     try:
