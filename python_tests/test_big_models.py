@@ -178,3 +178,40 @@ def test_16bit_embeddings_and_head(made):
     assert Q.memory_report(m32)["other_bytes"] - Q.memory_report(m16)["other_bytes"] == 2 * emb
     with pytest.raises(ValueError, match="embedding_dtype"):
         Q.prepare_model_for_training(m16, embedding_dtype=torch.int8)
+
+
+def _mapped_rss(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            first = line.split(maxsplit=5)
+            if len(first) >= 5 and "-" in first[0] and ":" in first[3]:  # a mapping's header line
+                inside = len(first) == 6 and first[5].strip() == str(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_drop_mapped_pages_keeps_views_valid(tmp_path):
+    """Loading unmaps the checkpoint pages it has read (they would otherwise stay resident until the end):
+    the pages leave the process and a tensor still viewing the file reads the same values afterwards."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qlora_ext import _io
+    f = tmp_path / "w.safetensors"
+    w = torch.randn(1 << 20)
+    save_file({"w": w}, str(f))
+    with safe_open(str(f), framework="pt") as h:
+        view = h.get_tensor("w")
+    float(view.sum())  # reads every page
+    if _mapped_rss(f.resolve()) == 0:
+        pytest.skip("this safetensors build copies tensors instead of mapping the file")
+    assert _mapped_rss(f.resolve()) >= 4 * (1 << 20) // 1024 - 8
+    assert _io.drop_mapped_pages() >= 1
+    assert _mapped_rss(f.resolve()) == 0
+    assert torch.equal(view, w)
+    view[0] = 42.0  # a private (copy-on-write) page: that mapping must be left alone
+    _io.drop_mapped_pages()
+    assert float(view[0]) == 42.0 and torch.equal(view[1:], w[1:])

@@ -4,6 +4,7 @@ files (never pickle), with errors that name the file and the offending key.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -141,3 +142,39 @@ def load_safetensors(path) -> Dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error type; report it as bad input
         raise ValueError(f"{path}: cannot read safetensors file ({exc})") from None
+
+
+_MADV_DONTNEED = 4
+_libc = None
+
+
+def drop_mapped_pages(suffix: str = ".safetensors") -> int:
+    """Unmaps the resident pages of this process's memory mappings of `suffix` files (Linux
+    madvise(MADV_DONTNEED); elsewhere nothing), returning how many mappings were advised.
+
+    While a checkpoint loads, every page of it that was read stays mapped into the process (safetensors maps
+    the whole files), so resident memory grows by the size of the checkpoint although the tensors were
+    quantized and dropped. The loaders call this after each tensor. Only mappings without a single privately
+    written page (smaps' `Anonymous: 0 kB`) are advised, so no write can be lost: the pages stay in the page
+    cache, and a tensor still viewing the file faults them back in with the same contents."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        with open("/proc/self/smaps") as fh:
+            lines = fh.readlines()
+    except (OSError, AttributeError):
+        return 0
+    ranges, current = [], None
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) >= 5 and "-" in parts[0] and ":" in parts[3]:  # a mapping's header
+            current = None
+            if len(parts) == 6 and parts[5].rstrip("\n").endswith(suffix):
+                current = tuple(int(x, 16) for x in parts[0].split("-"))
+        elif current is not None and line.startswith("Anonymous:"):
+            if int(parts[1]) == 0:
+                ranges.append(current)
+            current = None
+    return sum(_libc.madvise(lo, hi - lo, _MADV_DONTNEED) == 0 for lo, hi in ranges)

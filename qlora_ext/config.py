@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import torch
 
+from . import _io
 from ._ops import FLOAT_DTYPES, VALID_BLOCKSIZES_4BIT
 from .functional import QUANT_TYPES, QuantState, quantize_4bit
 
@@ -221,6 +222,8 @@ if _HAVE_TRANSFORMERS:
                 module._set_quantized(packed, state)
                 module._is_hf_initialized = True
                 out[name] = module.weight
+            del input_dict, value
+            _io.drop_mapped_pages()  # the float tensor's pages of the mapped checkpoint are not needed again
             return out
 
     class _Deserialize(_QuantizerOp):
@@ -233,7 +236,10 @@ if _HAVE_TRANSFORMERS:
             # Errors are recorded and the layer left empty (returning nothing), not raised: transformers would
             # turn an exception into a generic "conversion issues" error; the quantizer raises ours, naming the
             # key, once loading is over.
+            # own copies of the (small, 4-bit) entries: views would keep the mapped checkpoint's pages resident
             d = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
+            d = {k: v.clone() if v.device.type == "cpu" else v for k, v in d.items()}
+            _io.drop_mapped_pages()
             module = model.get_submodule(full_layer_name.rpartition(".")[0])
             if not isinstance(module, Linear4bit):
                 if len(d) > 1:
