@@ -240,7 +240,7 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     train_seconds = time.time() - step_tokens_t0
 
     checkpoint()
-    after = evaluator("after", state["step"])
+    after = evaluator("after", state["step"]) if cfg.eval_after else {}
     adapter_dir = out / "adapter"
     save_adapter(adapter_dir)
     if not main:
@@ -257,7 +257,7 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
         "steps": state["step"], "train_examples": len(train_ex),
         "eval_examples": len(eval_ex), "trainable_params": n_trainable,
         "exact_match_before": before.get("exact_match"), "exact_match_after": after.get("exact_match"),
-        "eval_loss_before": before.get("loss"), "eval_loss_after": after["loss"],
+        "eval_loss_before": before.get("loss"), "eval_loss_after": after.get("loss"),
         "per_task_before": before.get("per_task"), "per_task_after": after.get("per_task"),
         "best_step": best.get("step"), "best_eval_loss": best.get("loss"),
         "train_seconds": train_seconds, "total_seconds": time.time() - t_start,

@@ -229,6 +229,7 @@ class FinetuneConfig:
     eval_samples: int = 0       # 0: the whole eval set
     eval_batch_size: int = 32
     eval_before: bool = True
+    eval_after: bool = True     # False: no held-out evaluation at the end (benchmarks of big models)
     progress: bool = True
     report_to: str = "none"     # or "tensorboard": event files in OUTPUT/tensorboard beside metrics.jsonl
     distributed: Optional[str] = None   # "ddp" / "fsdp" under torchrun; batch_size is then the global batch
