@@ -188,6 +188,7 @@ def write_layout(shape, layout: str, out: Path, shard_bytes: int, seed: int, pro
             total += v.numel() * v.element_size()
         tmp = out / (fname + ".tmp")
         save_file(sd, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; transformers' checkpoints are world-readable
         os.replace(tmp, out / fname)
         del sd
         if progress:
