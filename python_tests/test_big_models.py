@@ -2,6 +2,7 @@
 both layouts load with transformers through QLoRAConfig, and the 4-bit layout's bytes are exactly what
 quantizing the float layout's tensors gives."""
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -215,3 +216,20 @@ def test_drop_mapped_pages_keeps_views_valid(tmp_path):
     view[0] = 42.0  # a private (copy-on-write) page: that mapping must be left alone
     _io.drop_mapped_pages()
     assert float(view[0]) == 42.0 and torch.equal(view[1:], w[1:])
+
+
+def test_finetune_with_16bit_embeddings_and_no_final_evaluation(made, tmp_path):
+    """The memory flags end to end on the generated model: --embedding-dtype bfloat16 is recorded with the run
+    and trains; --no-eval-after skips the final evaluation (no eval loss in the summary)."""
+    from qlora_ext.cli import main
+    flt, _ = made
+    out = tmp_path / "run"
+    rc = main(["finetune", "--model", str(flt), "--max-steps", "2", "--batch-size", "1", "--packing",
+               "--source-max-len", "48", "--target-max-len", "16", "--no-eval-before", "--no-eval-after",
+               "--no-progress", "--embedding-dtype", "bfloat16", "--lora-r", "4", "--output-dir", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["eval_loss_after"] is None
+    assert json.loads((out / "run_config.json").read_text())["quant"]["embedding_dtype"] == "bfloat16"
+    losses = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
