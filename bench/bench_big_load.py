@@ -6,6 +6,9 @@ Modes (a fresh process each; memory sampled every 2 ms from /proc/self/status):
   load_quantized   qlora_ext.load_quantized(DIR, QLoRAConfig(...), dtype=...)
   finetune         qlora_ext.train.load_for_training: what `qlora-ext finetune --model DIR` runs before its
                    first step (4-bit model, prepare_model_for_training, LoRA r=64 on all linear layers)
+  fsdp_shards      qlora_ext.distributed.load_sharded on 2 gloo ranks (torchrun): each rank builds the model on
+                   the meta device and quantizes only its shard of each weight (float layout only); one row per
+                   rank, "model GB" = that rank's shards + the replicated QuantStates
 
 Reported per run: peak RssAnon (the heap) and peak RSS (VmHWM; also counts pages of the memory-mapped
 checkpoint, which the kernel can drop) above the process's baseline after imports, RSS and RssAnon once
@@ -30,7 +33,7 @@ from pathlib import Path
 from _common import cpu_model, git_commit, md_table, proc_status
 
 GB = 1e9
-MODES = ("from_pretrained", "load_quantized", "finetune")
+MODES = ("from_pretrained", "load_quantized", "finetune", "fsdp_shards")
 
 
 def _largest_tensor(directory: Path, itemsize: int) -> int:
@@ -78,7 +81,20 @@ def child(mode: str, path: str, dtype_name: str) -> dict:
     t.start()
     t0 = time.perf_counter()
     cfg = Q.QLoRAConfig(compute_dtype=dtype)
-    if mode == "from_pretrained":
+    rank = 0
+    if mode == "fsdp_shards":
+        from torch.distributed.tensor import DTensor
+
+        from qlora_ext import distributed as D
+        ctx = D.init("fsdp", "cpu")
+        rank = ctx.rank
+        cfg = Q.QLoRAConfig(compute_dtype=dtype, quant_storage=dtype)
+        model = D.inner(D.load_sharded(path, cfg, ctx, dtype=dtype))
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+        scales = sum(t.nbytes for m in model.modules() if isinstance(m, Q.nn.Linear4bit)
+                     for t in (m.quant_state.absmax, m.quant_state.nested_absmax) if t is not None)
+        rep = {"total_bytes": local + scales, "packed_weight_bytes": local, "scale_bytes": scales, "adapter_bytes": 0}
+    elif mode == "from_pretrained":
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=dtype)
     elif mode == "load_quantized":
         model = Q.load_quantized(path, cfg, dtype=dtype)
@@ -92,8 +108,10 @@ def child(mode: str, path: str, dtype_name: str) -> dict:
     done.set()
     t.join()
     peak[0] = max(peak[0], proc_status("RssAnon"))
-    rep = Q.memory_report(model)
-    return {"mode": mode, "model_dir": path, "seconds": round(seconds, 1),
+    if mode != "fsdp_shards":
+        rep = Q.memory_report(model)
+    return {"mode": mode if mode != "fsdp_shards" else f"fsdp_shards rank {rank}/2", "model_dir": path,
+            "seconds": round(seconds, 1),
             "peak_anon": peak[0] - base_anon, "peak_rss": proc_status("VmHWM") - base_hwm,
             "after_anon": proc_status("RssAnon") - base_anon, "after_rss": proc_status("VmRSS") - base_hwm,
             "model_bytes": rep["total_bytes"], "four_bit_bytes": rep["packed_weight_bytes"] + rep["scale_bytes"],
@@ -120,22 +138,36 @@ def main() -> int:
         for mode in args.mode or MODES:
             if mode == "from_pretrained" and prequant:
                 continue  # a 4-bit checkpoint names its own quantizer
+            if mode == "fsdp_shards" and prequant:
+                continue  # load_sharded reads float checkpoints
             cmd = [sys.executable, __file__, "--child", mode, d, args.dtype]
+            if mode == "fsdp_shards":
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                       "127.0.0.1", "--master-port", "29533", *cmd[1:]]
             res = subprocess.run(cmd, capture_output=True, text=True)
-            line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-            if res.returncode != 0 or not line:
+            lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+            if res.returncode != 0 or not lines:
                 print(res.stderr[-3000:], file=sys.stderr)
                 results.append({"mode": mode, "model_dir": d, "error": res.stderr.strip().splitlines()[-1:]})
                 continue
-            r = json.loads(line[0][7:])
-            r["layout"] = "nf4 (bitsandbytes)" if prequant else "bfloat16"
-            results.append(r)
-            over = max(r["peak_anon"], r["peak_rss"]) - r["model_bytes"] - r["largest_tensor"]
-            rows.append([Path(d).name, r["layout"], mode, f"{r['four_bit_bytes'] / GB:.2f}",
-                         f"{r['model_bytes'] / GB:.2f}", f"{r['largest_tensor'] / GB:.3f}",
-                         f"{r['peak_anon'] / GB:.2f}", f"{r['peak_rss'] / GB:.2f}", f"{r['after_rss'] / GB:.2f}",
-                         f"{over / GB:.2f}", f"{r['seconds']:.0f}"])
-            print(" | ".join(rows[-1]), flush=True)
+            for line in lines:
+                _row(json.loads(line[7:]), prequant, d, rows, results)
+    _finish(args, rows, results)
+    return 0
+
+
+def _row(r, prequant, d, rows, results):
+    r["layout"] = "nf4 (bitsandbytes)" if prequant else "bfloat16"
+    results.append(r)
+    over = max(r["peak_anon"], r["peak_rss"]) - r["model_bytes"] - r["largest_tensor"]
+    rows.append([Path(d).name, r["layout"], r["mode"], f"{r['four_bit_bytes'] / GB:.2f}",
+                 f"{r['model_bytes'] / GB:.2f}", f"{r['largest_tensor'] / GB:.3f}",
+                 f"{r['peak_anon'] / GB:.2f}", f"{r['peak_rss'] / GB:.2f}", f"{r['after_rss'] / GB:.2f}",
+                 f"{over / GB:.2f}", f"{r['seconds']:.0f}"])
+    print(" | ".join(rows[-1]), flush=True)
+
+
+def _finish(args, rows, results):
     header = ["model", "layout", "mode", "4-bit weights+scales GB", "model GB", "largest tensor GB",
               "peak RssAnon GB", "peak RSS GB", "RSS after GB", "overhead GB", "s"]
     load = os.getloadavg()
@@ -151,7 +183,6 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(text)
         Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":
