@@ -205,8 +205,11 @@ def estimate(shape: ModelShape, method: str, lora_r: int = 64, batch: int = 1, s
 
 
 # What `qlora-ext finetune` holds besides the model and its training state: Python, torch, transformers and
-# qlora_ext, the tokenizer and the data, allocator slack. Measured on the CPU runs of bench/bench_big_train.py
-# (bench/results/big_train_cpu.md): peak RSS minus the components below.
+# qlora_ext, the tokenizer and the data. Measured: the peak RSS of a whole finetune run of the tiny generated
+# model (bench/bench_big_train.py --model <tools/make_model.py --size tiny>: 0.48 GB; 0.37 GB after imports).
+# It is not fitted to the big runs: on LLaMA-13B the estimates fall 5-6% under the measured peaks
+# (bench/results/big_train_cpu.md), the rest being allocator slack and transient copies (gradient clipping,
+# the checkpoint written at the end) that grow with the adapters.
 FINETUNE_RUNTIME_BYTES = int(0.45e9)
 OPTIM_BYTES = {"paged_adamw_32bit": 8.0, "adamw_torch": 8.0,
                # 8-bit: two uint8 moments + a float32 absmax per 256 elements for each
