@@ -43,12 +43,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, cwd, timeout=240) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --nproc-per-node 2 ARGS` importing the qlora_ext under test."""
+def torchrun_cmd(*args, nproc=2):
+    """(command, environment) of `python -m torch.distributed.run --nproc-per-node N ARGS` importing the
+    qlora_ext under test."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(PACKAGE_ROOT), env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), *args]
+    return cmd, env
+
+
+def torchrun(*args, cwd, timeout=240, nproc=2) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc-per-node 2 ARGS` importing the qlora_ext under test."""
+    cmd, env = torchrun_cmd(*args, nproc=nproc)
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
     return res
@@ -93,13 +100,7 @@ def runs(tiny):
         out[mode + "_stdout"] = res.stdout
     # stopped after the step-3 checkpoint: drop what came later, as a crash would have
     res = root / "resumed"
-    shutil.copytree(root / "fsdp", res)
-    for p in (res / "checkpoints").glob("step-*"):
-        if p.name != f"step-{SAVE:06d}":
-            shutil.rmtree(p)
-    (res / "checkpoints" / "latest").write_text(f"step-{SAVE:06d}\n")
-    shutil.rmtree(res / "adapter")
-    (res / "summary.json").unlink()
+    _truncate_to_save(root / "fsdp", res)
     torchrun("-m", "qlora_ext", *ft_args(tiny, res, "--distributed", "fsdp", "--resume"), cwd=root)
     out["resumed"] = res
     return out
@@ -151,6 +152,66 @@ def test_fsdp_resume_continues_exactly(runs):
     assert train_losses(runs["resumed"]) == train_losses(runs["fsdp"])
     a, b = adapter(runs["fsdp"]), adapter(runs["resumed"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _truncate_to_save(src, dst):
+    """A copy of run `src` as if it had stopped right after its step-SAVE checkpoint."""
+    shutil.copytree(src, dst)
+    kept = dst / "checkpoints" / f"checkpoint-{SAVE}"
+    assert kept.is_dir()  # (the names were step-N once: a glob on those removed nothing and resumed at the end)
+    later = [p for p in (dst / "checkpoints").glob("checkpoint-*") if p != kept]
+    assert later, "no later checkpoint to drop: the resume would not be tested"
+    for p in later:
+        shutil.rmtree(p)
+    (dst / "checkpoints" / "latest").write_text(f"checkpoint-{SAVE}\n")
+    shutil.rmtree(dst / "adapter")
+    (dst / "summary.json").unlink()
+
+
+def test_fsdp_resume_on_another_number_of_ranks(runs, tiny):
+    """A 2-rank FSDP2 checkpoint resumed on 1 rank: DCP reshards the adapter and optimizer state, and the run
+    continues as the uninterrupted 2-rank run did (2 ranks and 1 process agree to 1e-5)."""
+    res = tiny["root"] / "resumed_1rank"
+    _truncate_to_save(runs["fsdp"], res)
+    torchrun("-m", "qlora_ext", *ft_args(tiny, res, "--distributed", "fsdp", "--resume"), cwd=tiny["root"], nproc=1)
+    assert json.loads((res / "summary.json").read_text())["world_size"] == 1
+    assert train_losses(res) == pytest.approx(train_losses(runs["fsdp"]), rel=1e-5)
+    a, b = adapter(runs["fsdp"]), adapter(res)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_ctrl_c_under_torchrun_checkpoints_every_rank(tiny, tmp_path):
+    """Ctrl-C in the terminal of a torchrun: SIGINT reaches torchrun and every rank at once (and torchrun
+    forwards it to the ranks again). Every rank finishes its step, they checkpoint together (each rank's
+    shard of the optimizer state in the DCP directory) and all stop with the interrupted status."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = ft_args(tiny, out, "--distributed", "fsdp")
+    args[args.index("--max-steps") + 1] = "100000"
+    cmd, env = torchrun_cmd("-m", "qlora_ext", *args)
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and p.poll() is None:
+            m = out / "metrics.jsonl"
+            if m.is_file() and sum('"loss"' in ln and '"eval"' not in ln for ln in m.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert p.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert stderr.count("interrupted at step") == 2, stderr[-3000:]
+    step = int(stderr.split("interrupted at step")[1].split(";")[0])
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"checkpoint-{step}"
+    shards = sorted(p.name for p in (out / "checkpoints" / latest / "optimizer").glob("*.distcp"))
+    assert len(shards) == 2, shards  # one file per rank
 
 
 def test_fsdp_quant_state_survives_sharding_and_state_dicts(tmp_path):

@@ -97,3 +97,31 @@ def test_cli_estimate(capsys):
     err = capsys.readouterr().err
     assert err.startswith("qlora-ext: error: ") and len(err.strip().splitlines()) == 1
     assert math.isfinite(rep["bytes"]["full16"]["total"])
+
+
+def test_finetune_estimate_counts_what_finetune_stores():
+    s = E.NAMED["13B"]
+    base = E.finetune_estimate(s, seq_len=128)
+    t = base["trainable"]
+    assert base["adapters"] == 4 * t and base["gradients"] == 4 * t and base["optimizer"] == 8 * t
+    q = E.estimate(s, "qlora", seq_len=128)
+    # float32 embeddings / head and norms on top of the paper's 16-bit ones; the 4-bit part is the same
+    assert base["weights"] - q["weights"] == 2 * (s.embedding_params + s.norm_params)
+    assert base["scales"] == q["scales"] and base["runtime"] == E.FINETUNE_RUNTIME_BYTES
+    small = E.finetune_estimate(s, seq_len=128, embedding_dtype="bfloat16", optim="paged_adamw_8bit")
+    assert base["weights"] - small["weights"] == 2 * s.embedding_params
+    assert small["optimizer"] == int(t * (2 + 8 / 256))
+    assert base["total"] == sum(base[c] for c in E.COMPONENTS) + base["runtime"]
+    with pytest.raises(ValueError, match="optim must be one of"):
+        E.finetune_estimate(s, optim="sgd")
+
+
+def test_cli_estimate_finetune(capsys):
+    assert main(["estimate", "--model", "13B", "--seq-len", "128", "--finetune", "--embedding-dtype", "bfloat16",
+                 "--optim", "paged_adamw_8bit", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["finetune"]["settings"]["optim"] == "paged_adamw_8bit"
+    assert rep["finetune"]["bytes"] == E.finetune_estimate(E.NAMED["13B"], seq_len=128, embedding_dtype="bfloat16",
+                                                           optim="paged_adamw_8bit")
+    assert main(["estimate", "--model", "1B", "--finetune"]) == 0
+    assert "qlora-ext finetune, one process" in capsys.readouterr().out

@@ -4,6 +4,7 @@ files (never pickle), with errors that name the file and the offending key.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -141,3 +142,34 @@ def load_safetensors(path) -> Dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error type; report it as bad input
         raise ValueError(f"{path}: cannot read safetensors file ({exc})") from None
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels refuse it (EINVAL) and nothing happens
+_libc = None
+
+
+def drop_mapped_pages(suffix: str = ".safetensors") -> int:
+    """Reclaims the resident pages of this process's memory mappings of `suffix` files (Linux
+    madvise(MADV_PAGEOUT); elsewhere nothing), returning how many mappings were advised.
+
+    While a checkpoint loads, every page of it that was read stays mapped into the process (safetensors maps
+    the whole files), so resident memory grows by the size of the checkpoint although the tensors were
+    quantized and dropped. The loaders call this as they go. PAGEOUT never loses data: clean file pages are
+    dropped (a tensor still viewing the file reads them back from the file, unchanged) and privately written
+    pages could only be swapped out, never discarded."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        with open("/proc/self/maps") as fh:
+            lines = fh.readlines()
+    except (OSError, AttributeError):
+        return 0
+    n = 0
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].rstrip("\n").endswith(suffix):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            n += _libc.madvise(lo, hi - lo, _MADV_PAGEOUT) == 0
+    return n

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="a .yaml / .json file of settings (keys: these flags' names, dashes or underscores); flags given "
               "on the command line override it")
     _add_model_args(ft)
+    _add(ft, "--embedding-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+         help="storage of the frozen input embeddings and float LM head while training: float32 (as PEFT), "
+              "or 16-bit: half their memory (LLaMA-13B: 1.31 -> 0.66 GB), logits computed in 16-bit")
     _add(ft, "--data", "--dataset-name", default=None,
          help="a .jsonl / .json / .csv / .parquet file, a datasets directory (save_to_disk) or a Hub dataset "
               "name, in TRL's formats (text, prompt + completion, messages), ShareGPT conversations or Alpaca "
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--eval-batch-size", "--per-device-eval-batch-size", type=int, default=32)
     _add(g, "--eval-before", default=True, action=argparse.BooleanOptionalAction,
          help="evaluate the base model before training")
+    _add(g, "--eval-after", default=True, action=argparse.BooleanOptionalAction,
+         help="evaluate the trained model at the end (--no-eval-after: skip it, e.g. when timing a big model)")
     _add(g, "--progress", default=True, action=argparse.BooleanOptionalAction)
     _add(g, "--report-to", default="none", choices=("none", "tensorboard"),
          help="tensorboard: also TensorBoard event files in OUTPUT/tensorboard")
@@ -184,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add(es, "--world-size", type=int, default=1,
          help="also the memory per rank of a run on N ranks (--batch-size is then the global batch)")
     _add(es, "--strategy", default="fsdp", choices=("fsdp", "ddp"), help="with --world-size: what is sharded")
+    _add(es, "--finetune", action="store_true",
+         help="also what `qlora-ext finetune` holds in one process with the settings below (float32 adapters "
+              "and norms; measured on the CPU: see README 'Big models on a small machine')")
+    _add(es, "--compute-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+         help="with --finetune: activations' dtype (finetune's default: float32 on CPU, bfloat16 on CUDA)")
+    _add(es, "--embedding-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+         help="with --finetune: as finetune --embedding-dtype")
+    _add(es, "--optim", default="paged_adamw_32bit", choices=("paged_adamw_32bit", "paged_adamw_8bit",
+                                                               "adamw_8bit", "adamw_torch"),
+         help="with --finetune: as finetune --optim")
     _add(es, "--json", action="store_true", help="print the breakdown as JSON (bytes)")
     return ap
 
@@ -282,7 +297,7 @@ def _apply_config_file(sub: argparse.ArgumentParser, ns: argparse.Namespace, pat
 # settings <-> FinetuneConfig
 
 _FIELD = {"quant_type": "quant.quant_type", "double_quant": "quant.double_quant", "blocksize": "quant.blocksize",
-          "compute_dtype": "quant.compute_dtype", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
+          "compute_dtype": "quant.compute_dtype", "embedding_dtype": "quant.embedding_dtype", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
           "lora_dropout": "lora.dropout", "target_modules": "lora.target_modules", "use_rslora": "lora.use_rslora"}
 _NOT_SETTINGS = {"command", "config", "resume", "overwrite_output_dir", "help"}
 
@@ -476,7 +491,9 @@ def cmd_estimate(a, explicit=None) -> int:
         return _fail(f"--world-size must be >= 1, got {a.world_size}")
     rep = E.report(a.model, lora_r=a.lora_r, batch=a.batch_size, seq_len=a.seq_len,
                    gradient_checkpointing=a.gradient_checkpointing, blocksize=a.blocksize,
-                   double_quant=a.double_quant, world_size=a.world_size, strategy=a.strategy)
+                   double_quant=a.double_quant, world_size=a.world_size, strategy=a.strategy,
+                   finetune=dict(compute_dtype=a.compute_dtype, embedding_dtype=a.embedding_dtype, optim=a.optim)
+                   if a.finetune else None)
     print(json.dumps(rep) if a.json else E.format_table(rep))
     return 0
 

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import torch
 
+from . import _io
 from ._ops import FLOAT_DTYPES, VALID_BLOCKSIZES_4BIT
 from .functional import QUANT_TYPES, QuantState, quantize_4bit
 
@@ -221,6 +222,8 @@ if _HAVE_TRANSFORMERS:
                 module._set_quantized(packed, state)
                 module._is_hf_initialized = True
                 out[name] = module.weight
+            del input_dict, value
+            _io.drop_mapped_pages()  # the float tensor's pages of the mapped checkpoint are not needed again
             return out
 
     class _Deserialize(_QuantizerOp):
@@ -233,7 +236,10 @@ if _HAVE_TRANSFORMERS:
             # Errors are recorded and the layer left empty (returning nothing), not raised: transformers would
             # turn an exception into a generic "conversion issues" error; the quantizer raises ours, naming the
             # key, once loading is over.
+            # own copies of the (small, 4-bit) entries: views would keep the mapped checkpoint's pages resident
             d = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
+            d = {k: v.clone() if v.device.type == "cpu" else v for k, v in d.items()}
+            _io.drop_mapped_pages()
             module = model.get_submodule(full_layer_name.rpartition(".")[0])
             if not isinstance(module, Linear4bit):
                 if len(d) > 1:
@@ -308,6 +314,8 @@ if _HAVE_TRANSFORMERS:
             empty = [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and not m.is_quantized]
             if empty:
                 raise ValueError(f"the checkpoint has no weight for the 4-bit layers {empty}")
+            from .model import release_checkpoint_mapping
+            release_checkpoint_mapping(model)  # views of the memory-mapped checkpoint would keep it resident
             # PEFT's prepare_model_for_kbit_training turns gradient checkpointing on (and makes the embeddings'
             # output require grad) only for models flagged is_loaded_in_4bit, as transformers flags bitsandbytes
             # models. transformers' num_parameters() (called by Trainer every step) imports bitsandbytes when it

@@ -15,12 +15,14 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _io
 from .errors import SetupError
 
 MODES = ("ddp", "fsdp")
@@ -253,3 +255,116 @@ def load_state(directory, wrapped: nn.Module, optimizer) -> None:
         for k, v in adapter.items():
             params[k].copy_(v)  # a no-op copy when they do; kept in case a state-dict hook copied
     set_optimizer_state_dict(wrapped, optimizer, state["optimizer"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading straight into shards
+
+
+def _shard_range(dim0: int, rank: int, world: int):
+    """[start, stop) of dim 0 that FSDP2's Shard(0) gives `rank` (torch.chunk's split: ceil-sized chunks)."""
+    c = -(-dim0 // world)
+    start = min(rank * c, dim0)
+    return start, min(start + c, dim0)
+
+
+def _read_rows(handle, key: str, r0: int, r1: int) -> torch.Tensor:
+    return handle.get_slice(key)[r0:r1]
+
+
+@torch.no_grad()
+def _quantize_shard(handle, key: str, module, local: torch.Tensor, start: int, cfg, dtype, group=None):
+    """This rank's part of one 4-bit weight: its packed bytes (the [start, start + len) storage units of the
+    whole packed tensor) quantized from the float rows that cover them, and the whole QuantState, assembled
+    from every rank's block absmax (each block is owned by the rank holding its first element) and then
+    double-quantized identically on every rank. Equal, byte for byte, to slicing a one-process quantization."""
+    from .functional import QuantState, _double_quantize, quantize_4bit
+    out_f, in_f = module.out_features, module.in_features
+    n, bs = out_f * in_f, cfg.blocksize
+    per_unit = 2 * local.element_size()  # weights per storage unit (two per byte)
+    e0, e1 = min(start * per_unit, n), min((start + local.shape[0]) * per_unit, n)
+    nblocks = -(-n // bs)
+    absmax = torch.zeros(nblocks, dtype=torch.float32)
+    if e1 > e0:
+        b0, b1 = e0 // bs, -(-e1 // bs)
+        lo, hi = b0 * bs, min(b1 * bs, n)
+        r0, r1 = lo // in_f, -(-hi // in_f)
+        x = _read_rows(handle, key, r0, r1).to(dtype).reshape(-1)[lo - r0 * in_f:hi - r0 * in_f]
+        packed, st = quantize_4bit(x, bs, cfg.quant_type, double_quant=False)
+        del x
+        raw = packed.view(-1).view(torch.uint8)
+        mine = raw[(e0 - lo) // 2:(e1 - lo + 1) // 2]
+        dst = local.view(-1).view(torch.uint8)
+        dst.zero_()
+        dst[:mine.numel()].copy_(mine)
+        first_owned = -(-e0 // bs)  # blocks whose first element lies in [e0, e1)
+        absmax[first_owned:b1] = st.absmax[first_owned - b0:]
+    dist.all_reduce(absmax, group=group)  # x + 0 = x: every block's value arrives exactly
+    state = QuantState(absmax, (out_f, in_f), dtype, bs, cfg.quant_type)
+    return _double_quantize(state) if cfg.double_quant else state
+
+
+def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32) -> "Runner":
+    """A float checkpoint loaded straight into FSDP2 shards: the model is built on the meta device (buffers
+    real), every linear layer but the kept-float ones becomes a Linear4bit, `fully_shard` runs per decoder
+    layer and on the root, and then each rank reads only the rows of each checkpoint tensor that its shards
+    need and quantizes only its own part of each weight (one float slice in memory at a time). Each rank ends
+    up holding its shard of the 4-bit model plus the replicated QuantStates; no rank ever holds the whole
+    model, float or 4-bit. `config.quant_storage` must be `dtype` (FSDP2 gathers a unit in one dtype).
+
+    Returns the Runner (as `wrap` does) around a frozen base model without adapters. Collective."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model import _checkpoint_files, _float_modules, _replace_linears
+    from .nn import Linear4bit
+    if config.quant_storage != dtype:
+        raise ValueError(f"load_sharded: quant_storage {config.quant_storage} must be the model dtype {dtype} "
+                         f"(FSDP2 gathers each decoder layer in one buffer)")
+    hf_config = AutoConfig.from_pretrained(path)
+    if getattr(hf_config, "quantization_config", None) is not None:
+        raise ValueError(f"{path}: load_sharded reads float checkpoints (this one is already quantized)")
+    files = _checkpoint_files(Path(path))
+    handles, where = [], {}
+    for f in files:
+        h = safe_open(str(f), framework="pt")
+        handles.append(h)
+        for k in h.keys():
+            where[k] = h
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    _replace_linears(model, config, _float_modules(model, config), quantize=False)
+    model.requires_grad_(False)
+    buffers = {n: b for n, b in model.named_buffers()}
+    runner = Runner(model)
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(runner, mesh=mesh)
+    runner.to_empty(device=ctx.device)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n in buffers:
+                b.copy_(buffers[n])
+    modules = dict(model.named_modules())
+    tied = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()}
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p.data
+        start, _ = _shard_range(p.shape[0], ctx.rank, ctx.world_size) if isinstance(p, DTensor) else (0, 0)
+        key = name if name in where else tied.get(name, name)
+        if key not in where:
+            raise ValueError(f"{path}: no tensor {name} in the checkpoint")
+        mod = modules[name.rpartition(".")[0]]
+        if isinstance(mod, Linear4bit) and name.endswith(".weight"):
+            mod.quant_state = _quantize_shard(where[key], key, mod, local, start, config, dtype)
+        elif local.numel():
+            with torch.no_grad():
+                local.copy_(_read_rows(where[key], key, start, start + local.shape[0]).to(local.dtype))
+        _io.drop_mapped_pages()
+    del handles
+    model.eval()
+    return runner

@@ -80,6 +80,8 @@ NAMED = {
     "33B": ModelShape("LLaMA-33B", 6656, 17920, 60, 52, 52, 32000),
     "65B": ModelShape("LLaMA-65B", 8192, 22016, 80, 64, 64, 32000),
 }
+# not a LLaMA-1 size: TinyLlama-1.1B's LLaMA-architecture shape (grouped KV heads), for small experiments
+NAMED["1B"] = ModelShape("TinyLlama-1.1B", 2048, 5632, 22, 32, 4, 32000)
 
 
 def shape_from_config(cfg: Dict, name: str = "config") -> ModelShape:
@@ -202,6 +204,46 @@ def estimate(shape: ModelShape, method: str, lora_r: int = 64, batch: int = 1, s
     return out
 
 
+# What `qlora-ext finetune` holds besides the model and its training state: Python, torch, transformers and
+# qlora_ext, the tokenizer and the data. Measured: the peak RSS of a whole finetune run of the tiny generated
+# model (bench/bench_big_train.py --model <tools/make_model.py --size tiny>: 0.48 GB; 0.37 GB after imports).
+# It is not fitted to the big runs: on LLaMA-13B the estimates fall 5-6% under the measured peaks
+# (bench/results/big_train_cpu.md), the rest being allocator slack and transient copies (gradient clipping,
+# the checkpoint written at the end) that grow with the adapters.
+FINETUNE_RUNTIME_BYTES = int(0.45e9)
+OPTIM_BYTES = {"paged_adamw_32bit": 8.0, "adamw_torch": 8.0,
+               # 8-bit: two uint8 moments + a float32 absmax per 256 elements for each
+               "paged_adamw_8bit": 2 + 8 / 256, "adamw_8bit": 2 + 8 / 256}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def finetune_estimate(shape: ModelShape, lora_r: int = 64, batch: int = 1, seq_len: int = 512,
+                      gradient_checkpointing: bool = True, blocksize: int = 64, double_quant: bool = True,
+                      compute_dtype: str = "float32", embedding_dtype: str = "float32",
+                      optim: str = "paged_adamw_32bit") -> Dict[str, int]:
+    """Bytes of a `qlora-ext finetune` run (one process) as it stores things, unlike the paper's 16-bit
+    assumptions of `estimate`: LoRA weights and their gradients in float32 (always), norms in float32
+    (prepare_model_for_training), the input embeddings and untied head in `embedding_dtype`
+    (--embedding-dtype), optimizer state per `optim` (8 bytes per trainable parameter, 2.03 in 8 bits),
+    activations in the compute dtype (float32 on CPU), plus the process's fixed runtime (FINETUNE_RUNTIME_BYTES).
+    Keys: the COMPONENTS, 'runtime', 'total' and 'trainable'."""
+    for label, v, table in (("compute_dtype", compute_dtype, DTYPE_BYTES), ("embedding_dtype", embedding_dtype,
+                            DTYPE_BYTES), ("optim", optim, OPTIM_BYTES)):
+        if v not in table:
+            raise ValueError(f"{label} must be one of {', '.join(table)}, got {v!r}")
+    out = estimate(shape, "qlora", lora_r=lora_r, batch=batch, seq_len=seq_len,
+                   gradient_checkpointing=gradient_checkpointing, blocksize=blocksize, double_quant=double_quant,
+                   weight_bytes=2, adapter_bytes=4)
+    trainable = out["trainable"]
+    out["weights"] += (shape.embedding_params * (DTYPE_BYTES[embedding_dtype] - 2) + shape.norm_params * 2)
+    out["optimizer"] = int(trainable * OPTIM_BYTES[optim])
+    out["activations"] = activations(shape, batch, seq_len, gradient_checkpointing, DTYPE_BYTES[compute_dtype],
+                                     lora_r)
+    out["runtime"] = FINETUNE_RUNTIME_BYTES
+    out["total"] = sum(out[c] for c in COMPONENTS) + out["runtime"]
+    return out
+
+
 def _layer_bytes(shape: ModelShape, method: str, lora_r: int, blocksize: int, double_quant: bool,
                  weight_bytes: int = 2, adapter_bytes: int = 2) -> int:
     """Parameter bytes of one decoder layer (weights, adapters, norms; not the replicated scales): what FSDP2
@@ -250,12 +292,15 @@ def per_rank(shape: ModelShape, method: str, world_size: int, strategy: str = "f
     return out
 
 
-def report(model: str, world_size: int = 1, strategy: str = "fsdp", **kw) -> Dict:
+def report(model: str, world_size: int = 1, strategy: str = "fsdp", finetune: Dict = None, **kw) -> Dict:
     """Everything `qlora-ext estimate` prints, as a dict (the --json output); with world_size > 1 also the
-    bytes per rank of a `strategy` run on world_size ranks (the batch being the global batch)."""
+    bytes per rank of a `strategy` run on world_size ranks (the batch being the global batch); with `finetune`
+    (compute_dtype, embedding_dtype, optim) also what `qlora-ext finetune` itself holds (finetune_estimate)."""
     shape = resolve_shape(model)
     rep = {"model": asdict(shape), "params": shape.params, "settings": kw,
            "bytes": {m: estimate(shape, m, **kw) for m in METHODS}}
+    if finetune:
+        rep["finetune"] = {"settings": finetune, "bytes": finetune_estimate(shape, **kw, **finetune)}
     if world_size != 1:
         rep["distributed"] = {"world_size": world_size, "strategy": strategy,
                               "per_rank": {m: per_rank(shape, m, world_size, strategy, **kw) for m in METHODS}}
@@ -275,6 +320,13 @@ def format_table(rep: Dict) -> str:
         lines.append(f"{comp:<14}" + "".join(f"{rep['bytes'][meth][comp] / GB:>16.2f}" for meth in METHODS))
     lines.append(f"{'trainable':<14}" + "".join(f"{rep['bytes'][meth]['trainable'] / 1e6:>15.1f}M"
                                                for meth in METHODS))
+    f = rep.get("finetune")
+    if f:
+        fs = f["settings"]
+        lines.append(f"qlora-ext finetune, one process ({fs['compute_dtype']} compute, float32 adapters and norms, "
+                     f"{fs['embedding_dtype']} embeddings and head, {fs['optim']}):")
+        lines.append("  " + ", ".join(f"{c} {f['bytes'][c] / GB:.2f}" for c in COMPONENTS + ("runtime",))
+                     + f"; total {f['bytes']['total'] / GB:.2f} GB")
     d = rep.get("distributed")
     if d:
         w, b = d["world_size"], s.get("batch", 1)

@@ -84,8 +84,8 @@ def _frozen_linear(head) -> bool:
 
 def head_cross_entropy(head: torch.nn.Linear, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies of head(h) against labels, float32; chunked when the head is frozen."""
-    if _frozen_linear(head):
-        return _ChunkedHeadCrossEntropy.apply(h, head.weight, head.bias, labels)
+    if _frozen_linear(head):  # a 16-bit head (prepare_model_for_training's embedding_dtype) takes 16-bit input
+        return _ChunkedHeadCrossEntropy.apply(h.to(head.weight.dtype), head.weight, head.bias, labels)
     return F.cross_entropy(head(h).float(), labels, reduction="sum")
 
 
@@ -112,7 +112,7 @@ def _chunked_causal_lm_forward(self, input_ids=None, *args, labels=None, **kwarg
     y = shift_labels.reshape(-1).to(h.device)
     vocab = head.weight.shape[0]
     logits = torch.empty(h.shape[:-1].numel(), vocab, dtype=head.weight.dtype, device=h.device)
-    total = _ChunkedHeadCrossEntropy.apply(h.reshape(-1, h.shape[-1]), head.weight, head.bias, y, logits,
+    total = _ChunkedHeadCrossEntropy.apply(h.reshape(-1, h.shape[-1]).to(head.weight.dtype), head.weight, head.bias, y, logits,
                                            ignore_index)
     if num_items is None:
         loss = total / (y != ignore_index).sum()

@@ -103,7 +103,7 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     # FSDP2 gathers a decoder layer's parameters in one float32 buffer: the packed bytes are viewed as float32
     storage = torch.float32 if cfg.distributed == "fsdp" else torch.uint8
     model = run_model.load_for_training(spec, cfg.quant, cfg.lora, device, cfg.gradient_checkpointing,
-                                        resume_from, storage)
+                                        resume_from, storage, progress=cfg.progress and main)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not n_trainable:
         raise SetupError("no trainable parameters after add_lora (do --target-modules match any layer?)")
@@ -240,7 +240,7 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     train_seconds = time.time() - step_tokens_t0
 
     checkpoint()
-    after = evaluator("after", state["step"])
+    after = evaluator("after", state["step"]) if cfg.eval_after else {}
     adapter_dir = out / "adapter"
     save_adapter(adapter_dir)
     if not main:
@@ -257,7 +257,7 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
         "steps": state["step"], "train_examples": len(train_ex),
         "eval_examples": len(eval_ex), "trainable_params": n_trainable,
         "exact_match_before": before.get("exact_match"), "exact_match_after": after.get("exact_match"),
-        "eval_loss_before": before.get("loss"), "eval_loss_after": after["loss"],
+        "eval_loss_before": before.get("loss"), "eval_loss_after": after.get("loss"),
         "per_task_before": before.get("per_task"), "per_task_after": after.get("per_task"),
         "best_step": best.get("step"), "best_eval_loss": best.get("loss"),
         "train_seconds": train_seconds, "total_seconds": time.time() - t_start,

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ..errors import MissingDependencyError, SetupError
+from ..model import release_checkpoint_mapping  # noqa: F401  (re-exported: bench scripts use it from here)
 from .setup import LoraSettings, ModelSpec, QuantSettings, resolve_dtype
 
 
@@ -50,24 +51,29 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.device,
-                         quant_storage: torch.dtype = torch.uint8):
+                         quant_storage: torch.dtype = torch.uint8, progress: bool = False):
     """The base model with every linear layer but the LM head in 4-bit, on `device`, in eval mode; the packed
-    bytes are viewed as `quant_storage` (a float dtype for FSDP2)."""
+    bytes are viewed as `quant_storage` (a float dtype for FSDP2). `progress`: transformers' bar while the
+    weights load (tensor by tensor)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     dtype = resolve_dtype(quant.compute_dtype, device)
     config = api("QLoRAConfig")(quant_type=quant.quant_type, blocksize=quant.blocksize,
                                 double_quant=quant.double_quant, compute_dtype=dtype, quant_storage=quant_storage)
-    hf_logging.disable_progress_bar()  # our own progress output is enough
+    if progress:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
     try:
         if spec.gguf_file:
             # GGUF tensors are dequantized to float by transformers, then quantized to NF4 layer by layer.
             model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **spec.hf_kwargs())
             model = api("quantize_model")(model.to(device), config)
         else:
-            model = api("load_quantized")(spec.path, config, dtype=dtype, **spec.hf_kwargs())
-            if device.type == "cpu":
-                release_checkpoint_mapping(model)
+            # load_quantized copies what is left of the memory-mapped checkpoint (release_checkpoint_mapping)
+            # 16-bit embeddings: the float tensors load in 16-bit (never in float32); norms go to float32 later
+            load_dtype = dtype if quant.embedding_dtype == "float32" else getattr(torch, quant.embedding_dtype)
+            model = api("load_quantized")(spec.path, config, dtype=load_dtype, **spec.hf_kwargs())
             model = model.to(device)
     except ImportError as exc:
         raise _missing_dependency(exc, spec) from None
@@ -80,17 +86,6 @@ def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.de
     set_portable_name(model, spec)
     model.eval()
     return model
-
-
-@torch.no_grad()
-def release_checkpoint_mapping(model):
-    """Float tensors loaded without a dtype change are views of the memory-mapped checkpoint, which keeps every
-    page of the file read while loading (all the float weights that were quantized) resident in this process.
-    Copying the few float tensors left (embeddings, norms) lets the mapping go: measured on SmolLM2-135M from a
-    float32 checkpoint, resident memory after loading 809 -> 512 MiB."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            p.data = p.data.clone()
 
 
 def check_adapter(directory) -> pathlib.Path:
@@ -119,11 +114,12 @@ def load_adapter(model, directory):
 
 def load_for_training(spec: ModelSpec, quant: QuantSettings, lora: LoraSettings, device: torch.device,
                       gradient_checkpointing: bool = True, resume_adapter: Optional[pathlib.Path] = None,
-                      quant_storage: torch.dtype = torch.uint8):
+                      quant_storage: torch.dtype = torch.uint8, progress: bool = False):
     """Model preparation in one call: 4-bit frozen base, checkpointing-ready, plus the LoRA adapter (fresh, or
     the one saved in `resume_adapter`, which then carries the same LoRA settings)."""
-    model = load_quantized_model(spec, quant, device, quant_storage)
-    model = api("prepare_model_for_training")(model, gradient_checkpointing=gradient_checkpointing)
+    model = load_quantized_model(spec, quant, device, quant_storage, progress)
+    model = api("prepare_model_for_training")(model, gradient_checkpointing=gradient_checkpointing,
+                                              embedding_dtype=getattr(torch, quant.embedding_dtype))
     if resume_adapter is not None:
         return api("load_adapter")(model, str(resume_adapter), adapter_name="default")
     try:

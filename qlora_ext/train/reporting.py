@@ -139,7 +139,11 @@ def format_summary(s: Dict) -> str:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
     lines = []
-    if s["exact_match_before"] is not None:
+    if s["eval_loss_after"] is None:  # --no-eval-after
+        if s["exact_match_before"] is not None:
+            lines.append(f"exact match before training {pct(s['exact_match_before'])} on {s['eval_examples']} "
+                         f"held-out examples; eval loss {s['eval_loss_before']:.3f}; no evaluation after")
+    elif s["exact_match_before"] is not None:
         delta = 100 * ((s["exact_match_after"] or 0) - s["exact_match_before"])
         lines.append(f"exact match {pct(s['exact_match_before'])} -> {pct(s['exact_match_after'])} "
                      f"({delta:+.1f} points) on {s['eval_examples']} held-out examples; eval loss "

@@ -178,6 +178,8 @@ class QuantSettings:
     double_quant: bool = True
     blocksize: int = 64
     compute_dtype: str = "auto"
+    # storage of the frozen input embeddings and float output head: float32 (PEFT's) or 16-bit (half the memory)
+    embedding_dtype: str = "float32"
 
 
 @dataclass
@@ -227,6 +229,7 @@ class FinetuneConfig:
     eval_samples: int = 0       # 0: the whole eval set
     eval_batch_size: int = 32
     eval_before: bool = True
+    eval_after: bool = True     # False: no held-out evaluation at the end (benchmarks of big models)
     progress: bool = True
     report_to: str = "none"     # or "tensorboard": event files in OUTPUT/tensorboard beside metrics.jsonl
     distributed: Optional[str] = None   # "ddp" / "fsdp" under torchrun; batch_size is then the global batch
@@ -266,7 +269,8 @@ class FinetuneConfig:
 
 
 FLAG_OF = {"quant.quant_type": "--quant-type", "quant.double_quant": "--double-quant",
-           "quant.blocksize": "--blocksize", "quant.compute_dtype": "--compute-dtype", "lora.r": "--lora-r",
+           "quant.blocksize": "--blocksize", "quant.compute_dtype": "--compute-dtype",
+           "quant.embedding_dtype": "--embedding-dtype", "lora.r": "--lora-r",
            "lora.alpha": "--lora-alpha", "lora.dropout": "--lora-dropout", "lora.target_modules": "--target-modules",
            "lora.use_rslora": "--use-rslora"}
 
@@ -323,6 +327,8 @@ def validate(cfg: FinetuneConfig):
         raise SetupError(f"--blocksize must be a power of two in 32..4096, got {cfg.quant.blocksize}")
     if cfg.quant.compute_dtype != "auto" and cfg.quant.compute_dtype not in DTYPES:
         raise SetupError(f"--compute-dtype must be auto or one of {', '.join(DTYPES)}")
+    if cfg.quant.embedding_dtype not in DTYPES:
+        raise SetupError(f"--embedding-dtype must be one of {', '.join(DTYPES)}")
     if cfg.distributed not in (None, "ddp", "fsdp"):
         raise SetupError(f"--distributed must be ddp or fsdp, got {cfg.distributed!r}")
     if cfg.distributed == "fsdp" and cfg.optim in ("paged_adamw_8bit", "adamw_8bit"):
