@@ -165,10 +165,12 @@ def test_16bit_embeddings_and_head(made):
         s.backward()
         logits = m(input_ids=ids).logits
         grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad])
-        return m, float(s.detach()) / n, logits, grads
+        lib_loss = float(m(input_ids=ids, labels=ids).loss)  # the library path's chunked head loss
+        return m, float(s.detach()) / n, logits, grads, lib_loss
 
-    m32, l32, lg32, g32 = run(torch.float32)
-    m16, l16, lg16, g16 = run(torch.bfloat16)
+    m32, l32, lg32, g32, lib32 = run(torch.float32)
+    m16, l16, lg16, g16, lib16 = run(torch.bfloat16)
+    assert abs(lib16 - lib32) < 0.01 * abs(lib32)
     assert m16.get_input_embeddings().weight.dtype == torch.bfloat16
     assert m16.get_output_embeddings().weight.dtype == torch.bfloat16
     assert m16.model.norm.weight.dtype == torch.float32 and m32.get_input_embeddings().weight.dtype == torch.float32
