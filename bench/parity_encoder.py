@@ -123,9 +123,9 @@ def load_float_model(path, num_labels: int):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()   # "newly initialized: classifier" is expected
-    from qlora_ext.train import _release_checkpoint_mapping
+    from qlora_ext.model import release_checkpoint_mapping
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
-    _release_checkpoint_mapping(model)
+    release_checkpoint_mapping(model)   # the float model owns its tensors: the checkpoint mapping can go
     return model.eval()
 
 
