@@ -5,17 +5,20 @@ interpreter; libgomp's own report (OMP_DISPLAY_ENV=VERBOSE) says which spin coun
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 
 def _run(code, policy=None):
+    # cwd outside the repository: `python -c` puts the cwd first on sys.path, and the source tree there has no
+    # compiled _C in a non-editable install (CI's), so the child must import the installed package
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["OMP_DISPLAY_ENV"] = "VERBOSE"
     if policy is not None:
         env["OMP_WAIT_POLICY"] = policy
     out = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, cwd=tempfile.gettempdir())
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout, out.stderr
 
