@@ -40,6 +40,35 @@ def proc_status(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status (Linux only)")
 
 
+class PeakMemory:
+    """This process's memory peaks from now on: VmHWM is reset to the current RSS (/proc/self/clear_refs), and a
+    thread samples RssAnon every `interval` s (the kernel keeps no high-water mark for it). `stop()` ends the
+    sampling; `base_anon` / `base_hwm` are the values at the start, `peak_anon` the highest RssAnon seen."""
+
+    def __init__(self, interval: float):
+        import threading
+        import time
+        with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS
+            f.write("5")
+        self.base_anon, self.base_hwm = proc_status("RssAnon"), proc_status("VmHWM")
+        self.peak_anon = self.base_anon
+        self._done = threading.Event()
+
+        def sample():
+            while not self._done.is_set():
+                self.peak_anon = max(self.peak_anon, proc_status("RssAnon"))
+                time.sleep(interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        self.peak_anon = max(self.peak_anon, proc_status("RssAnon"))
+        return self.peak_anon
+
+
 def md_table(header, rows) -> list:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

@@ -26,11 +26,10 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from _common import cpu_model, git_commit, md_table, proc_status
+from _common import PeakMemory, cpu_model, git_commit, md_table, proc_status
 
 GB = 1e9
 MODES = ("from_pretrained", "load_quantized", "finetune", "fsdp_shards")
@@ -66,19 +65,8 @@ def child(mode: str, path: str, dtype_name: str) -> dict:
     from qlora_ext.train.setup import LoraSettings, ModelSpec, QuantSettings
 
     dtype = getattr(torch, dtype_name)
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := current RSS
-        f.write("5")
-    base_anon, base_hwm = proc_status("RssAnon"), proc_status("VmHWM")
-    peak = [base_anon]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc_status("RssAnon"))
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
+    mem = PeakMemory(interval=0.002)
+    base_anon, base_hwm = mem.base_anon, mem.base_hwm
     t0 = time.perf_counter()
     cfg = Q.QLoRAConfig(compute_dtype=dtype)
     rank = 0
@@ -105,14 +93,12 @@ def child(mode: str, path: str, dtype_name: str) -> dict:
     seconds = time.perf_counter() - t0
     import gc
     gc.collect()
-    done.set()
-    t.join()
-    peak[0] = max(peak[0], proc_status("RssAnon"))
+    peak_anon = mem.stop()
     if mode != "fsdp_shards":
         rep = Q.memory_report(model)
     return {"mode": mode if mode != "fsdp_shards" else f"fsdp_shards rank {rank}/2", "model_dir": path,
             "seconds": round(seconds, 1),
-            "peak_anon": peak[0] - base_anon, "peak_rss": proc_status("VmHWM") - base_hwm,
+            "peak_anon": peak_anon - base_anon, "peak_rss": proc_status("VmHWM") - base_hwm,
             "after_anon": proc_status("RssAnon") - base_anon, "after_rss": proc_status("VmRSS") - base_hwm,
             "model_bytes": rep["total_bytes"], "four_bit_bytes": rep["packed_weight_bytes"] + rep["scale_bytes"],
             "adapter_bytes": rep["adapter_bytes"],

@@ -25,10 +25,9 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from _common import proc_status
+from _common import PeakMemory, proc_status
 
 MiB = 1 << 20
 
@@ -42,19 +41,8 @@ def _measure(mode: str, path: str, qpath: str, dtype: str) -> dict:
 
     import qlora_ext as Q
 
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-        f.write("5")
-    base_anon, base_hwm = proc_status("RssAnon"), proc_status("VmHWM")
-    peak = [base_anon]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc_status("RssAnon"))
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
+    mem = PeakMemory(interval=0.001)
+    base_anon, base_hwm = mem.base_anon, mem.base_hwm
     kw = dict(dtype=getattr(torch, dtype))
     t0 = time.perf_counter()
     if mode == "float":
@@ -64,15 +52,13 @@ def _measure(mode: str, path: str, qpath: str, dtype: str) -> dict:
     else:
         model = Q.load_quantized(qpath, **kw)
     seconds = time.perf_counter() - t0
-    done.set()
-    t.join()
-    peak[0] = max(peak[0], proc_status("RssAnon"))
+    peak_anon = mem.stop()
     peak_rss = proc_status("VmHWM") - base_hwm
     rep = Q.memory_report(model)
     final = rep["total_bytes"] if rep["quantized_weight_count"] else \
         sum(p.numel() * p.element_size() for p in model.parameters()) + \
         sum(b.numel() * b.element_size() for b in model.buffers())
-    return {"mode": mode, "peak_anon": peak[0] - base_anon, "peak_rss": peak_rss,
+    return {"mode": mode, "peak_anon": peak_anon - base_anon, "peak_rss": peak_rss,
             "final": final, "quantized": rep["packed_weight_bytes"] + rep["scale_bytes"], "seconds": seconds}
 
 

@@ -73,13 +73,18 @@ def _library(path, dtype, device, a, dropout):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
 
+    return model, _labels_step(model, opt), "torch.optim.AdamW", sum(p.numel() for p in params)
+
+
+def _labels_step(model, opt):
+    """One training step as a transformers user writes it: forward with labels, backward, optimizer step."""
     def step(ids):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss)
-    return model, step, "torch.optim.AdamW", sum(p.numel() for p in params)
+    return step
 
 
 def _finetune(path, dtype, device, a, dropout):
@@ -128,13 +133,7 @@ def _peft(path, dtype, device, a, dropout, backend="bitsandbytes"):
     else:
         opt, name = _bnb_optimizer(params, device)
 
-    def step(ids):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss)
-    return model, step, name, sum(p.numel() for p in params)
+    return model, _labels_step(model, opt), name, sum(p.numel() for p in params)
 
 
 def _bnb_optimizer(params, device):
