@@ -19,10 +19,13 @@ from qlora_ext import functional as F
 from qlora_ext._ops import _C
 bad = []
 g = torch.Generator().manual_seed(7)
-for N, K, bs, qt in [(33, 1000, 64, "nf4"), (31, 77, 32, "nf4"), (70, 4099, 256, "fp4"), (9, 4096, 128, "nf4"),
-                     (5, 31, 32, "fp4")]:
+# rows of whole blocks (K a multiple of the block size: the AVX2 block kernel) and rows that are not
+for N, K, bs, qt, dq in [(33, 1000, 64, "nf4", True), (31, 77, 32, "nf4", True), (70, 4099, 256, "fp4", True),
+                         (9, 4096, 128, "nf4", True), (5, 31, 32, "fp4", True), (37, 640, 64, "nf4", True),
+                         (41, 640, 64, "nf4", False), (6, 96, 32, "fp4", True), (3, 8192, 4096, "nf4", True),
+                         (19, 1536, 512, "fp4", False)]:
     w = torch.randn(N, K, generator=g) * 0.05
-    packed, state = F.quantize_4bit(w, bs, qt, True)
+    packed, state = F.quantize_4bit(w, bs, qt, dq)
     W = F.dequantize_4bit(packed, state).double()
     for M in range(1, 9):
         x = torch.randn(M, K, generator=g)
