@@ -28,7 +28,7 @@ import torch
 
 import qlora_ext
 from qlora_ext import functional as F
-from _common import cpu_model
+from _common import cpu_model, git_commit
 
 SHAPES = [(4096, 4096), (11008, 4096), (14336, 4096)]
 MS = [1, 8, 32, 256, 1024, 2048]
@@ -126,7 +126,7 @@ def main():
         "# 4-bit matmul benchmark",
         "",
         f"- device: {dev_name}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
+        f"- commit: {git_commit()}; date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
         f"dtype {dtype}; NF4 + double quant, blocksize 64",
         f"- command: `python {' '.join(sys.argv)}`",
         "- ours = matmul_4bit; dense = F.linear on the float weight; deq+linear = dequantize_4bit then F.linear",
