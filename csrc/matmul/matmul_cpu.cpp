@@ -118,36 +118,19 @@ QX_MM_AVX2 inline float hsum_avx2(__m256 s) {
   return _mm_cvtss_f32(h);
 }
 
-// Fused AVX2 GEMV over rows [r0, r1) of W, the same contract as gemv_rows_avx512. AVX2 has no 16-entry
-// float permute, so the 16-entry code is looked up a byte at a time: vpshufb over the code's four byte
-// planes (byte b of every code value, one 16-byte table per plane) gives four byte vectors, and two rounds
-// of in-lane unpacks reassemble the float32 values. Per 32 weights: one 16-byte broadcast load, one vpshufb
-// + shift/mask/or that spread the nibbles to one index byte each, four plane lookups, eight unpacks, four
-// multiplies by the block's scale, then four FMAs per row of x. The unpacks are in-lane, so the index bytes
-// are laid out so that the four float vectors come out as weights 0-7, 8-15, 16-23, 24-31 in order: lane 0
-// holds weights {0-3, 8-11, 16-19, 24-27} (packed bytes 0,1,4,5,8,9,12,13), lane 1 the others. A segment
-// head that starts mid-byte takes one scalar element; a tail under 32 weights is decoded element by element
-// (same rounding) into a zero-padded vector and multiplied with masked loads of x (lanes past it not read).
+// Fused AVX2 GEMV over rows [r0, r1) of W, the same contract as gemv_rows_avx512. Per 32 weights: the
+// byte-plane decode shared with the dequantize kernel (detail::avx2_decode32: one broadcast load, five
+// shuffles and four table lookups, eight unpacks, four multiplies by the block's scale), then four FMAs per
+// row of x. A segment head that starts mid-byte takes one scalar element; a tail under 32 weights is decoded
+// element by element (same rounding) into a zero-padded vector and multiplied with masked loads of x (lanes
+// past it not read).
 template <int M>
 QX_MM_AVX2 void gemv_rows_avx2(const float* x, const Weight4& w, const float* code, int64_t r0, int64_t r1,
                                float* out, int64_t ldo) {
   constexpr int NA = M == 1 ? 4 : M == 2 ? 2 : 1;  // independent FMA chains per row of x (latency)
   const int64_t K = w.K, bs = w.blocksize;
   const int bs_shift = __builtin_ctzll(static_cast<unsigned long long>(bs));  // block sizes are powers of two
-  alignas(32) uint8_t planes[4][32];
-  for (int i = 0; i < 16; ++i) {
-    uint32_t u;
-    std::memcpy(&u, code + i, 4);
-    for (int b = 0; b < 4; ++b) planes[b][i] = planes[b][i + 16] = static_cast<uint8_t>(u >> (8 * b));
-  }
-  const __m256i t0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[0]));
-  const __m256i t1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[1]));
-  const __m256i t2 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[2]));
-  const __m256i t3 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[3]));
-  // each packed byte twice (one 16-bit word per byte, one byte per nibble)
-  const __m256i dup = _mm256_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13,  //
-                                       2, 2, 3, 3, 6, 6, 7, 7, 10, 10, 11, 11, 14, 14, 15, 15);
-  const __m256i lo_mask = _mm256_set1_epi16(0x000f), hi_mask = _mm256_set1_epi16(0x0f00);
+  const detail::Avx2Code4 tables = detail::avx2_code4(code);
   const uint8_t* packed = w.packed;
   for (int64_t n = r0; n < r1; ++n) {
     __m256 acc[M][NA];
@@ -168,19 +151,8 @@ QX_MM_AVX2 void gemv_rows_avx2(const float* x, const Weight4& w, const float* co
         ++i;
       }
       for (; i + 32 <= seg_end; i += 32) {
-        const __m256i q = _mm256_shuffle_epi8(
-            _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i >> 1)))), dup);
-        // word = byte | byte << 8: low byte <- high nibble (element 2j), high byte <- low nibble (2j + 1)
-        const __m256i idx = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), lo_mask),
-                                            _mm256_and_si256(q, hi_mask));
-        const __m256i b0 = _mm256_shuffle_epi8(t0, idx), b1 = _mm256_shuffle_epi8(t1, idx);
-        const __m256i b2 = _mm256_shuffle_epi8(t2, idx), b3 = _mm256_shuffle_epi8(t3, idx);
-        const __m256i l0 = _mm256_unpacklo_epi8(b0, b1), l1 = _mm256_unpackhi_epi8(b0, b1);
-        const __m256i h0 = _mm256_unpacklo_epi8(b2, b3), h1 = _mm256_unpackhi_epi8(b2, b3);
-        const __m256 v[4] = {_mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(l0, h0)), va),
-                             _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(l0, h0)), va),
-                             _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(l1, h1)), va),
-                             _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(l1, h1)), va)};
+        __m256 v[4];
+        detail::avx2_decode32(packed + (i >> 1), tables, va, v);
         const float* xk = x + (i - row0);
         for (int j = 0; j < 4; ++j)
           for (int m = 0; m < M; ++m)
@@ -227,16 +199,7 @@ QX_MM_AVX2 void gemv_rows_avx2_blocks(const float* xp, const Weight4& w, const f
                                       float* out, int64_t ldo) {
   constexpr int NA = M == 1 ? 4 : M == 2 ? 2 : 1;
   const int64_t K = w.K, bs = w.blocksize, nblk = K / bs;
-  alignas(32) uint8_t planes[4][32];
-  for (int i = 0; i < 16; ++i) {
-    uint32_t u;
-    std::memcpy(&u, code + i, 4);
-    for (int b = 0; b < 4; ++b) planes[b][i] = planes[b][i + 16] = static_cast<uint8_t>(u >> (8 * b));
-  }
-  const __m256i t0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[0]));
-  const __m256i t1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[1]));
-  const __m256i t2 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[2]));
-  const __m256i t3 = _mm256_load_si256(reinterpret_cast<const __m256i*>(planes[3]));
+  const detail::Avx2Code4 T = detail::avx2_code4(code);
   const __m256i nib = _mm256_set1_epi8(0x0f);
   const int64_t groups = G > 0 ? G : bs / 32;
   for (int64_t n = r0; n < r1; ++n) {
@@ -254,8 +217,8 @@ QX_MM_AVX2 void gemv_rows_avx2_blocks(const float* xp, const Weight4& w, const f
       for (int64_t grp = 0; grp < groups; ++grp, p += 16, xk += 32) {
         const __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         const __m256i idx = _mm256_and_si256(_mm256_blend_epi32(q, _mm256_srli_epi16(q, 4), 0x0f), nib);
-        const __m256i b0 = _mm256_shuffle_epi8(t0, idx), b1 = _mm256_shuffle_epi8(t1, idx);
-        const __m256i b2 = _mm256_shuffle_epi8(t2, idx), b3 = _mm256_shuffle_epi8(t3, idx);
+        const __m256i b0 = _mm256_shuffle_epi8(T.t0, idx), b1 = _mm256_shuffle_epi8(T.t1, idx);
+        const __m256i b2 = _mm256_shuffle_epi8(T.t2, idx), b3 = _mm256_shuffle_epi8(T.t3, idx);
         const __m256i l0 = _mm256_unpacklo_epi8(b0, b1), l1 = _mm256_unpackhi_epi8(b0, b1);
         const __m256i h0 = _mm256_unpacklo_epi8(b2, b3), h1 = _mm256_unpackhi_epi8(b2, b3);
         const __m256 c[4] = {_mm256_castsi256_ps(_mm256_unpacklo_epi16(l0, h0)),

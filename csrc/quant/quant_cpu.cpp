@@ -127,8 +127,10 @@ QX_AVX2 inline void avx2_store8(void* out, DType ot, int64_t i, __m256 v, bool s
 QX_AVX2 void dequant4_avx2(const uint8_t* packed, const AbsmaxView& s, int64_t bs, const float* code, void* out,
                            DType ot, int64_t e0, int64_t e1, bool stream) {
   const __m256 lut_lo = _mm256_loadu_ps(code), lut_hi = _mm256_loadu_ps(code + 8);
+  const detail::Avx2Code4 tables = detail::avx2_code4(code);
+  const int bs_shift = __builtin_ctzll(static_cast<unsigned long long>(bs));  // block sizes are powers of two
   for (int64_t seg = e0; seg < e1;) {
-    const int64_t b = seg / bs, seg_end = std::min(e1, (b + 1) * bs);
+    const int64_t b = seg >> bs_shift, seg_end = std::min(e1, (b + 1) << bs_shift);
     const float a = block_scale(s, b);
     const __m256 va = _mm256_set1_ps(a);
     int64_t i = seg;
@@ -137,6 +139,11 @@ QX_AVX2 void dequant4_avx2(const uint8_t* packed, const AbsmaxView& s, int64_t b
       ++i;
     }
     const bool nt = can_stream(stream, out, ot, i - e0, 8);
+    for (; i + 32 <= seg_end; i += 32) {  // the GEMV's byte-plane decode: ~3x the permute path's rate
+      __m256 v[4];
+      detail::avx2_decode32(packed + (i >> 1), tables, va, v);
+      for (int j = 0; j < 4; ++j) avx2_store8(out, ot, i - e0 + 8 * j, v[j], nt);
+    }
     for (; i + 16 <= seg_end; i += 16) {
       __m256 v0, v1;
       avx2_unpack16(packed + (i >> 1), lut_lo, lut_hi, va, &v0, &v1);
