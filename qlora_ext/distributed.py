@@ -377,6 +377,7 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
                 local_of(p).copy_(kept[n])
     made_real = set(kept)
     del kept
+    _io.release_free_heap()  # the full-size adapters FSDP2 sharded and their copies: not resident while loading
     modules = dict(model.named_modules())
     tied = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()}
     report = {"quantized_bytes": 0, "packed_bytes": 0}
@@ -398,6 +399,7 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
                 local.copy_(_read_rows(where[key], key, start, start + local.shape[0]).to(local.dtype))
         _io.drop_mapped_pages()
     del handles
+    _io.release_free_heap()  # the float slices quantized in between the kept shards
     model.eval()
     runner.load_report = report
     return runner
