@@ -396,10 +396,10 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
             report["packed_bytes"] += -(-mod.out_features * mod.in_features // 2)
         elif local.numel():
             with torch.no_grad():
-                local.copy_(_read_rows(where[key], key, start, start + local.shape[0]).to(local.dtype))
+                local.copy_(_read_rows(where[key], key, start, start + local.shape[0]))  # converts as it copies
         _io.drop_mapped_pages()
+        _io.release_free_heap()  # this tensor's float slice: not left resident in the heap under the next one
     del handles
-    _io.release_free_heap()  # the float slices quantized in between the kept shards
     model.eval()
     runner.load_report = report
     return runner
