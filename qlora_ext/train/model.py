@@ -74,7 +74,7 @@ def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.de
             # 16-bit embeddings: the float tensors load in 16-bit (never in float32); norms go to float32 later
             load_dtype = dtype if quant.embedding_dtype == "float32" else getattr(torch, quant.embedding_dtype)
             model = api("load_quantized")(spec.path, config, dtype=load_dtype, **spec.hf_kwargs())
-            model = model.to(device)
+            model = _view_packed_as(model.to(device), quant_storage)
     except ImportError as exc:
         raise _missing_dependency(exc, spec) from None
     except (OSError, ValueError, TypeError, KeyError, EOFError) as exc:
@@ -85,6 +85,21 @@ def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.de
         raise SetupError(f"--model {spec.label}: corrupt weights ({_first_line(exc)})") from None
     set_portable_name(model, spec)
     model.eval()
+    return model
+
+
+def _view_packed_as(model, storage: torch.dtype):
+    """The packed 4-bit weights viewed as `storage`: an already-quantized checkpoint keeps the storage dtype it
+    was written with (bitsandbytes: uint8), and FSDP2 needs the float dtype of the other parameters (the bytes
+    are the same)."""
+    from ..nn import Linear4bit
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and m.weight.dtype != storage:
+            raw = m.weight.data.reshape(-1).view(torch.uint8)
+            if raw.numel() % storage.itemsize:
+                raise SetupError(f"{raw.numel()} packed bytes of a {list(m.quant_state.shape)} weight cannot be "
+                                 f"viewed as {storage}")
+            m.weight = torch.nn.Parameter(raw.view(storage).reshape(-1, 1), requires_grad=False)
     return model
 
 
