@@ -257,3 +257,75 @@ def test_fsdp_load_sharded_equals_one_process_slices(tmp_path):
                    cwd=tmp_path)
     assert [ln for ln in res.stdout.splitlines() if ln.startswith("ok ")] == [
         "ok shards equal one-process slices", "ok logits"]
+
+
+def _fsdp_and_single(model_dir, tmp_path):
+    """The same 3-step run (seed, data, batch of 3) as one process and as `finetune --distributed fsdp` on 2
+    gloo ranks: (training losses, final adapter) of each, the 2-rank run's summary and its stderr."""
+    from safetensors.torch import load_file
+
+    from qlora_ext.cli import main
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    try:
+        from test_distributed import torchrun
+    finally:
+        sys.path.pop(0)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Is it a word?", "input": w + str(i), "output": "yes"}) + "\n"
+                            for i, w in enumerate(["red", "blue", "cat", "dog", "sun", "sea", "oak"] * 2)))
+
+    def args(out):
+        return ["finetune", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data),
+                "--output-dir", str(out), "--batch-size", "3", "--lora-r", "4", "--lr", "1e-2", "--warmup-ratio",
+                "0", "--max-steps", "3", "--seed", "3", "--no-eval-before", "--no-eval-after", "--no-progress"]
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args(tmp_path / "single")) == 0
+    finally:
+        torch.set_num_threads(n)
+    res = torchrun("-m", "qlora_ext", *args(tmp_path / "fsdp"), "--distributed", "fsdp", cwd=tmp_path)
+    runs = {}
+    for name in ("single", "fsdp"):
+        out = tmp_path / name
+        runs[name] = ([json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()],
+                      load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    return runs["single"], runs["fsdp"], json.loads((tmp_path / "fsdp" / "summary.json").read_text()), res.stderr
+
+
+def _assert_same_run(single, sharded):
+    """2 ranks sum their gradients in another order than one process: the last bits may differ (rel 1e-5 on
+    losses, 1e-5 on adapter weights), never by a learning-rate-sized step (no warmup: the adapters move from
+    step 1)."""
+    assert len(single[0]) == len(sharded[0]) == 3
+    assert sharded[0] == pytest.approx(single[0], rel=1e-5)
+    a, b = single[1], sharded[1]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-3  # it trained
+
+
+def test_finetune_fsdp_loads_float_checkpoint_into_shards(made, tmp_path):
+    """`finetune --distributed fsdp` (2 gloo ranks) on the generated float layout goes through load_sharded:
+    each rank quantizes about half of the model's 4-bit codes (counted by the loader, reported in
+    summary.json and logged), never the whole model, and the run is the one-process run with the same seed
+    and data."""
+    single, sharded, summary, stderr = _fsdp_and_single(made[0], tmp_path)
+    _assert_same_run(single, sharded)
+    load = summary["fsdp_load"]
+    assert load["path"].startswith("sharded"), load
+    per_rank, whole = load["quantized_bytes"], load["packed_bytes"]
+    assert len(per_rank) == 2 and whole > 0
+    assert sum(per_rank) >= whole  # together they quantized every weight (blocks on a boundary twice)
+    assert max(per_rank) < 0.6 * whole, load  # and no rank came near the whole 4-bit model
+    assert "4-bit codes quantized per rank" in stderr
+
+
+def test_finetune_fsdp_on_an_already_quantized_checkpoint(made, tmp_path):
+    """The generated NF4 (bitsandbytes) layout has no float rows to quantize per shard: it loads whole on every
+    rank (its uint8-stored codes viewed as float32 for FSDP2), is sharded, and trains as one process does."""
+    single, sharded, summary, _ = _fsdp_and_single(made[1], tmp_path)
+    _assert_same_run(single, sharded)
+    assert summary["fsdp_load"] == {"path": "whole model per rank"}

@@ -173,3 +173,23 @@ def drop_mapped_pages(suffix: str = ".safetensors") -> int:
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             n += _libc.madvise(lo, hi - lo, _MADV_PAGEOUT) == 0
     return n
+
+
+def release_free_heap() -> bool:
+    """Returns the C heap's free pages to the system (glibc malloc_trim(0); elsewhere nothing), True if it ran.
+
+    glibc keeps freed medium-sized blocks (up to its mmap threshold, which rises to 32 MB as large blocks are
+    freed) in the process's heap, where they stay resident: a loader that allocates temporaries between
+    tensors it keeps (load_sharded's full-size adapters before FSDP2 shards them, float slices while it
+    quantizes) would otherwise end up holding their memory as well."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        trim = _libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim(0)
+    return True

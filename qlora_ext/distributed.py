@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -277,7 +277,9 @@ def _quantize_shard(handle, key: str, module, local: torch.Tensor, start: int, c
     """This rank's part of one 4-bit weight: its packed bytes (the [start, start + len) storage units of the
     whole packed tensor) quantized from the float rows that cover them, and the whole QuantState, assembled
     from every rank's block absmax (each block is owned by the rank holding its first element) and then
-    double-quantized identically on every rank. Equal, byte for byte, to slicing a one-process quantization."""
+    double-quantized identically on every rank. Equal, byte for byte, to slicing a one-process quantization.
+    Returns (QuantState, bytes of 4-bit codes this rank quantized: its part plus the blocks it shares with a
+    neighbour)."""
     from .functional import QuantState, _double_quantize, quantize_4bit
     out_f, in_f = module.out_features, module.in_features
     n, bs = out_f * in_f, cfg.blocksize
@@ -285,6 +287,7 @@ def _quantize_shard(handle, key: str, module, local: torch.Tensor, start: int, c
     e0, e1 = min(start * per_unit, n), min((start + local.shape[0]) * per_unit, n)
     nblocks = -(-n // bs)
     absmax = torch.zeros(nblocks, dtype=torch.float32)
+    made = 0
     if e1 > e0:
         b0, b1 = e0 // bs, -(-e1 // bs)
         lo, hi = b0 * bs, min(b1 * bs, n)
@@ -293,6 +296,7 @@ def _quantize_shard(handle, key: str, module, local: torch.Tensor, start: int, c
         packed, st = quantize_4bit(x, bs, cfg.quant_type, double_quant=False)
         del x
         raw = packed.view(-1).view(torch.uint8)
+        made = raw.numel()
         mine = raw[(e0 - lo) // 2:(e1 - lo + 1) // 2]
         dst = local.view(-1).view(torch.uint8)
         dst.zero_()
@@ -301,10 +305,11 @@ def _quantize_shard(handle, key: str, module, local: torch.Tensor, start: int, c
         absmax[first_owned:b1] = st.absmax[first_owned - b0:]
     dist.all_reduce(absmax, group=group)  # x + 0 = x: every block's value arrives exactly
     state = QuantState(absmax, (out_f, in_f), dtype, bs, cfg.quant_type)
-    return _double_quantize(state) if cfg.double_quant else state
+    return (_double_quantize(state) if cfg.double_quant else state), made
 
 
-def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32) -> "Runner":
+def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
+                 prepare: Optional[Callable[[nn.Module], nn.Module]] = None) -> "Runner":
     """A float checkpoint loaded straight into FSDP2 shards: the model is built on the meta device (buffers
     real), every linear layer but the kept-float ones becomes a Linear4bit, `fully_shard` runs per decoder
     layer and on the root, and then each rank reads only the rows of each checkpoint tensor that its shards
@@ -312,7 +317,14 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32)
     up holding its shard of the 4-bit model plus the replicated QuantStates; no rank ever holds the whole
     model, float or 4-bit. `config.quant_storage` must be `dtype` (FSDP2 gathers a unit in one dtype).
 
-    Returns the Runner (as `wrap` does) around a frozen base model without adapters. Collective."""
+    `prepare(model)`, when given, runs on the meta-built model before sharding and returns it: what a trainer
+    does to a loaded model before wrapping it (dtype casts, checkpointing, LoRA adapters; adapters are created
+    on the CPU, for real, while their base is on meta: qlora_ext.nn.LoraLinear4bit.add_adapter). Parameters
+    it leaves off the meta device keep their values (FSDP2 shards them); every other one is read from the
+    checkpoint.
+
+    Returns the Runner (as `wrap` does) around the model, in eval mode, with `runner.load_report`: this rank's
+    `quantized_bytes` (4-bit codes it produced) and the whole model's `packed_bytes`. Collective."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from torch.distributed.device_mesh import init_device_mesh
@@ -329,8 +341,11 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32)
     if getattr(hf_config, "quantization_config", None) is not None:
         raise ValueError(f"{path}: load_sharded reads float checkpoints (this one is already quantized)")
     files = _checkpoint_files(Path(path))
+    if not files:
+        raise ValueError(f"{path}: no .safetensors weights (other formats are not read: they may hold pickle)")
     handles, where = [], {}
     for f in files:
+        _io.check_safetensors(f)  # untrusted: every header against the file's size before reading
         h = safe_open(str(f), framework="pt")
         handles.append(h)
         for k in h.keys():
@@ -339,32 +354,52 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     _replace_linears(model, config, _float_modules(model, config), quantize=False)
     model.requires_grad_(False)
+    if prepare is not None:
+        model = prepare(model)
     buffers = {n: b for n, b in model.named_buffers()}
     runner = Runner(model)
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(runner, mesh=mesh)
+
+    def local_of(p):
+        return p.to_local() if isinstance(p, DTensor) else p.data
+    # parameters prepare() made real (adapters): their local shards, put back after to_empty
+    kept = {n: local_of(p).clone() for n, p in model.named_parameters() if not local_of(p).is_meta}
     runner.to_empty(device=ctx.device)
     with torch.no_grad():
         for n, b in model.named_buffers():
             if n in buffers:
                 b.copy_(buffers[n])
+        for n, p in model.named_parameters():
+            if n in kept:
+                local_of(p).copy_(kept[n])
+    made_real = set(kept)
+    del kept
+    _io.release_free_heap()  # the full-size adapters FSDP2 sharded and their copies: not resident while loading
     modules = dict(model.named_modules())
     tied = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()}
+    report = {"quantized_bytes": 0, "packed_bytes": 0}
     for name, p in model.named_parameters():
-        local = p.to_local() if isinstance(p, DTensor) else p.data
+        if name in made_real:
+            continue  # prepare()'s (adapters): restored above
+        local = local_of(p)
         start, _ = _shard_range(p.shape[0], ctx.rank, ctx.world_size) if isinstance(p, DTensor) else (0, 0)
         key = name if name in where else tied.get(name, name)
         if key not in where:
             raise ValueError(f"{path}: no tensor {name} in the checkpoint")
         mod = modules[name.rpartition(".")[0]]
         if isinstance(mod, Linear4bit) and name.endswith(".weight"):
-            mod.quant_state = _quantize_shard(where[key], key, mod, local, start, config, dtype)
+            mod.quant_state, made = _quantize_shard(where[key], key, mod, local, start, config, dtype)
+            report["quantized_bytes"] += made
+            report["packed_bytes"] += -(-mod.out_features * mod.in_features // 2)
         elif local.numel():
             with torch.no_grad():
-                local.copy_(_read_rows(where[key], key, start, start + local.shape[0]).to(local.dtype))
+                local.copy_(_read_rows(where[key], key, start, start + local.shape[0]))  # converts as it copies
         _io.drop_mapped_pages()
+        _io.release_free_heap()  # this tensor's float slice: not left resident in the heap under the next one
     del handles
     model.eval()
+    runner.load_report = report
     return runner

@@ -250,8 +250,10 @@ class LoraLinear4bit(Linear4bit):
     def from_linear4bit(cls, base: Linear4bit, r: int = 64, lora_alpha: float = 16, lora_dropout: float = 0.05,
                         use_rslora: bool = False, adapter_name: str = "default",
                         lora_dtype: torch.dtype = torch.float32) -> "LoraLinear4bit":
-        """A LoraLinear4bit sharing `base`'s packed weight, QuantState and bias, with one new adapter."""
-        base._check_ready()
+        """A LoraLinear4bit sharing `base`'s packed weight, QuantState and bias, with one new adapter. `base` may
+        still be on the meta device, not yet quantized (a deferred build, as load_sharded's): see add_adapter."""
+        if not base.weight.is_meta:
+            base._check_ready()
         with torch.device("meta"):
             m = cls(base.in_features, base.out_features, base.bias is not None, base.compute_dtype,
                     base.weight.dtype)
@@ -266,7 +268,10 @@ class LoraLinear4bit(Linear4bit):
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False,
                     lora_dtype: torch.dtype = torch.float32) -> None:
-        """Adds a freshly initialised adapter and makes it the active one."""
+        """Adds a freshly initialised adapter and makes it the active one. The adapter lives on the packed weight's
+        device; while that weight is still on the meta device (a model built for deferred loading, e.g. by
+        qlora_ext.distributed.load_sharded) the adapter is created on the CPU, for real: initialised from the
+        global RNG exactly as on a loaded model, so it does not depend on how the base was loaded."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
@@ -274,7 +279,7 @@ class LoraLinear4bit(Linear4bit):
         check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
         if lora_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"lora_dtype must be a float dtype, got {lora_dtype}")
-        device = self.weight.device
+        device = torch.device("cpu") if self.weight.is_meta else self.weight.device
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=lora_dtype)
         b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=lora_dtype)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))

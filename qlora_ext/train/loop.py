@@ -78,6 +78,16 @@ def finetune(cfg: FinetuneConfig, resume=None, overwrite: bool = False) -> Optio
     return summary
 
 
+def _sharded_load_report(local: Dict, ctx) -> Dict:
+    """load_sharded's report with every rank's quantized bytes (rank order). Collective."""
+    import torch.distributed as dist
+    t = torch.zeros(ctx.world_size, dtype=torch.float64, device=ctx.device)
+    t[ctx.rank] = local["quantized_bytes"]
+    dist.all_reduce(t)
+    return {"path": "sharded (each rank quantized its own shards)",
+            "quantized_bytes": [int(v) for v in t.tolist()], "packed_bytes": int(local["packed_bytes"])}
+
+
 def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     t_start = time.time()
     main = ctx is None or ctx.is_main
@@ -100,10 +110,20 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
 
     torch.manual_seed(cfg.seed)
     t_load = time.time()
-    # FSDP2 gathers a decoder layer's parameters in one float32 buffer: the packed bytes are viewed as float32
-    storage = torch.float32 if cfg.distributed == "fsdp" else torch.uint8
-    model = run_model.load_for_training(spec, cfg.quant, cfg.lora, device, cfg.gradient_checkpointing,
-                                        resume_from, storage, progress=cfg.progress and main)
+    wrapped, load_report = None, None
+    if cfg.distributed == "fsdp" and run_model.loads_into_shards(spec):
+        # a float checkpoint: built on meta, sharded, each rank quantizing only its own shard of each weight
+        wrapped = run_model.load_sharded_for_training(spec, cfg.quant, cfg.lora, ctx, cfg.gradient_checkpointing,
+                                                      resume_from)
+        model = distributed.inner(wrapped)
+        load_report = _sharded_load_report(wrapped.load_report, ctx)
+    else:
+        # FSDP2 gathers a decoder layer's parameters in one float32 buffer: the packed bytes are viewed as float32
+        storage = torch.float32 if cfg.distributed == "fsdp" else torch.uint8
+        model = run_model.load_for_training(spec, cfg.quant, cfg.lora, device, cfg.gradient_checkpointing,
+                                            resume_from, storage, progress=cfg.progress and main)
+        if cfg.distributed == "fsdp":  # GGUF or already-quantized: whole 4-bit model on every rank, then sharded
+            load_report = {"path": "whole model per rank"}
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not n_trainable:
         raise SetupError("no trainable parameters after add_lora (do --target-modules match any layer?)")
@@ -121,13 +141,16 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
         f"{f' packed into {len(rows)} rows' if cfg.packing else ''}, {n_steps} steps of {cfg.batch_size} x "
         f"{cfg.grad_accum} sequences -> {out}")
 
+    if load_report is not None:
+        log(f"loaded for FSDP2: {load_report['path']}" + (
+            f" (4-bit codes quantized per rank: {', '.join(fmt_bytes(b) for b in load_report['quantized_bytes'])} "
+            f"of the model's {fmt_bytes(load_report['packed_bytes'])})" if "packed_bytes" in load_report else ""))
     if ctx is None:
-        wrapped = None
-
         def run(fn, *args):
             return fn(model, *args)
     else:
-        wrapped = distributed.wrap(model, ctx)
+        if wrapped is None:
+            wrapped = distributed.wrap(model, ctx)
 
         def run(fn, *args):
             return distributed.run(wrapped, fn, *args)
@@ -266,5 +289,7 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
         "adapter": str(adapter_dir), "metrics": str(out / "metrics.jsonl"),
         "loss_curve": str(out / "loss_curve.png") if plotted else None, "output_dir": str(out),
     }
+    if load_report is not None:
+        summary["fsdp_load"] = load_report
     ckpt_io.write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return summary

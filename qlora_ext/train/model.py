@@ -74,7 +74,7 @@ def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.de
             # 16-bit embeddings: the float tensors load in 16-bit (never in float32); norms go to float32 later
             load_dtype = dtype if quant.embedding_dtype == "float32" else getattr(torch, quant.embedding_dtype)
             model = api("load_quantized")(spec.path, config, dtype=load_dtype, **spec.hf_kwargs())
-            model = model.to(device)
+            model = _view_packed_as(model.to(device), quant_storage)
     except ImportError as exc:
         raise _missing_dependency(exc, spec) from None
     except (OSError, ValueError, TypeError, KeyError, EOFError) as exc:
@@ -85,6 +85,21 @@ def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.de
         raise SetupError(f"--model {spec.label}: corrupt weights ({_first_line(exc)})") from None
     set_portable_name(model, spec)
     model.eval()
+    return model
+
+
+def _view_packed_as(model, storage: torch.dtype):
+    """The packed 4-bit weights viewed as `storage`: an already-quantized checkpoint keeps the storage dtype it
+    was written with (bitsandbytes: uint8), and FSDP2 needs the float dtype of the other parameters (the bytes
+    are the same)."""
+    from ..nn import Linear4bit
+    for m in model.modules():
+        if isinstance(m, Linear4bit) and m.weight.dtype != storage:
+            raw = m.weight.data.reshape(-1).view(torch.uint8)
+            if raw.numel() % storage.itemsize:
+                raise SetupError(f"{raw.numel()} packed bytes of a {list(m.quant_state.shape)} weight cannot be "
+                                 f"viewed as {storage}")
+            m.weight = torch.nn.Parameter(raw.view(storage).reshape(-1, 1), requires_grad=False)
     return model
 
 
@@ -118,6 +133,12 @@ def load_for_training(spec: ModelSpec, quant: QuantSettings, lora: LoraSettings,
     """Model preparation in one call: 4-bit frozen base, checkpointing-ready, plus the LoRA adapter (fresh, or
     the one saved in `resume_adapter`, which then carries the same LoRA settings)."""
     model = load_quantized_model(spec, quant, device, quant_storage, progress)
+    return _ready_for_training(model, quant, lora, gradient_checkpointing, resume_adapter)
+
+
+def _ready_for_training(model, quant: QuantSettings, lora: LoraSettings, gradient_checkpointing: bool,
+                        resume_adapter: Optional[pathlib.Path]):
+    """What a run does to its 4-bit base before training: prepare_model_for_training, then the LoRA adapter."""
     model = api("prepare_model_for_training")(model, gradient_checkpointing=gradient_checkpointing,
                                               embedding_dtype=getattr(torch, quant.embedding_dtype))
     if resume_adapter is not None:
@@ -127,6 +148,50 @@ def load_for_training(spec: ModelSpec, quant: QuantSettings, lora: LoraSettings,
                                target_modules=lora.target_modules, use_rslora=lora.use_rslora)
     except ValueError as exc:
         raise SetupError(f"--target-modules {lora.target_modules}: {_first_line(exc)}") from None
+
+
+def loads_into_shards(spec: ModelSpec) -> bool:
+    """Whether `--distributed fsdp` can load `spec` straight into shards (qlora_ext.distributed.load_sharded):
+    a float safetensors checkpoint directory. Not a GGUF file (transformers dequantizes it whole first) and not
+    an already-quantized checkpoint: load_sharded makes each rank's shard by quantizing float rows, and such a
+    checkpoint has none (its codes and scales are stored per whole weight, to be sliced, not quantized), so
+    both keep the usual path: the whole 4-bit model on every rank, then sharded by distributed.wrap."""
+    if spec.gguf_file:
+        return False
+    from .. import _io
+    try:
+        config = _io.read_json(pathlib.Path(spec.path) / "config.json")
+    except (OSError, ValueError):
+        return False  # the usual path reports what is wrong with it
+    return isinstance(config, dict) and config.get("quantization_config") is None
+
+
+def load_sharded_for_training(spec: ModelSpec, quant: QuantSettings, lora: LoraSettings, ctx,
+                              gradient_checkpointing: bool = True, resume_adapter: Optional[pathlib.Path] = None):
+    """load_for_training for FSDP2 on a float checkpoint, without the whole model on any rank: the model is
+    built on the meta device, readied and given its adapter there (the adapter itself is real, initialised from
+    the same RNG draws as load_for_training's), sharded, and then each rank quantizes only its own shard of
+    each weight (qlora_ext.distributed.load_sharded). Returns the FSDP2-wrapped Runner."""
+    from .. import distributed
+    config = api("QLoRAConfig")(quant_type=quant.quant_type, blocksize=quant.blocksize,
+                                double_quant=quant.double_quant, quant_storage=torch.float32,
+                                compute_dtype=resolve_dtype(quant.compute_dtype, ctx.device))
+    try:
+        runner = distributed.load_sharded(
+            spec.path, config, ctx, dtype=torch.float32,
+            prepare=lambda m: _ready_for_training(m, quant, lora, gradient_checkpointing, resume_adapter))
+    except SetupError:
+        raise
+    except ImportError as exc:
+        raise _missing_dependency(exc, spec) from None
+    except (OSError, ValueError, TypeError, KeyError, EOFError) as exc:
+        raise SetupError(f"--model {spec.label}: cannot be loaded ({_first_line(exc)})") from None
+    except Exception as exc:  # safetensors' SafetensorError (truncated / corrupt weights) is no ValueError
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise SetupError(f"--model {spec.label}: corrupt weights ({_first_line(exc)})") from None
+    set_portable_name(distributed.inner(runner), spec)
+    return runner
 
 
 def set_portable_name(model, spec: ModelSpec):
