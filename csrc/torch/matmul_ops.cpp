@@ -171,60 +171,7 @@ at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const
 #endif
 }
 
-// Autograd of matmul_4bit, in C++: the 4-bit weight is frozen, so only x gets a gradient, grad @ W through the
-// dequantized weight (matmul_4bit_t). A Python autograd kernel (torch.library.register_autograd) ran on every
-// call, gradients wanted or not, and cost ~50 us: as much as the whole M = 1 GEMV of a 2048 x 4096 weight.
-using Matmul4bitSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, int64_t,
-                                 int64_t, c10::string_view, at::IntArrayRef);
-
-class Matmul4bitFunction : public torch::autograd::Function<Matmul4bitFunction> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
-                            const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
-                            const c10::optional<at::Tensor>& nested_code, double offset, int64_t nested_blocksize,
-                            int64_t blocksize, c10::string_view quant_type, at::IntArrayRef shape) {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("qlora_ext::matmul_4bit", "").typed<Matmul4bitSig>();
-    ctx->save_for_backward({packed, absmax, nested_absmax.value_or(at::Tensor()), nested_code.value_or(at::Tensor())});
-    ctx->saved_data["offset"] = offset;
-    ctx->saved_data["nested_blocksize"] = nested_blocksize;
-    ctx->saved_data["blocksize"] = blocksize;
-    ctx->saved_data["quant_type"] = std::string(quant_type);
-    ctx->saved_data["shape"] = shape.vec();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize, quant_type,
-                   shape);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("qlora_ext::matmul_4bit_t", "").typed<Matmul4bitSig>();
-    torch::autograd::variable_list out(10);
-    if (ctx->needs_input_grad(0)) {
-      const auto saved = ctx->get_saved_variables();
-      const auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
-      const std::string qt = ctx->saved_data["quant_type"].toStringRef();
-      const std::vector<int64_t> shape = ctx->saved_data["shape"].toIntVector();
-      out[0] = op.call(grads[0], saved[0], saved[1], opt(saved[2]), opt(saved[3]), ctx->saved_data["offset"].toDouble(),
-                       ctx->saved_data["nested_blocksize"].toInt(), ctx->saved_data["blocksize"].toInt(), qt, shape);
-    }
-    return out;
-  }
-};
-
-at::Tensor matmul_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                                const c10::optional<at::Tensor>& nested_absmax,
-                                const c10::optional<at::Tensor>& nested_code, double offset, int64_t nested_blocksize,
-                                int64_t blocksize, c10::string_view quant_type, at::IntArrayRef shape) {
-  return Matmul4bitFunction::apply(x, packed, absmax, nested_absmax, nested_code, offset, nested_blocksize, blocksize,
-                                   quant_type, shape);
-}
-
 }  // namespace
-
-TORCH_LIBRARY_IMPL(qlora_ext, Autograd, m) { m.impl("matmul_4bit", TORCH_FN(matmul_4bit_autograd)); }
 
 TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("matmul_4bit", TORCH_FN(matmul_4bit));
