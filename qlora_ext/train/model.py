@@ -3,6 +3,7 @@ the base plus LoRA adapters ready to train (`load_for_training`), the optimizer 
 (transformers' schedulers). A model that cannot be loaded is a one-line SetupError naming what to fix."""
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from typing import Optional
 
@@ -64,7 +65,7 @@ def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.de
         hf_logging.enable_progress_bar()
     else:
         hf_logging.disable_progress_bar()
-    try:
+    with _load_errors(spec):
         if spec.gguf_file:
             # GGUF tensors are dequantized to float by transformers, then quantized to NF4 layer by layer.
             model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, **spec.hf_kwargs())
@@ -75,14 +76,6 @@ def load_quantized_model(spec: ModelSpec, quant: QuantSettings, device: torch.de
             load_dtype = dtype if quant.embedding_dtype == "float32" else getattr(torch, quant.embedding_dtype)
             model = api("load_quantized")(spec.path, config, dtype=load_dtype, **spec.hf_kwargs())
             model = _view_packed_as(model.to(device), quant_storage)
-    except ImportError as exc:
-        raise _missing_dependency(exc, spec) from None
-    except (OSError, ValueError, TypeError, KeyError, EOFError) as exc:
-        raise SetupError(f"--model {spec.label}: cannot be loaded ({_first_line(exc)})") from None
-    except Exception as exc:  # safetensors' SafetensorError (truncated / corrupt weights) is no ValueError
-        if type(exc).__name__ != "SafetensorError":
-            raise
-        raise SetupError(f"--model {spec.label}: corrupt weights ({_first_line(exc)})") from None
     set_portable_name(model, spec)
     model.eval()
     return model
@@ -176,10 +169,20 @@ def load_sharded_for_training(spec: ModelSpec, quant: QuantSettings, lora: LoraS
     config = api("QLoRAConfig")(quant_type=quant.quant_type, blocksize=quant.blocksize,
                                 double_quant=quant.double_quant, quant_storage=torch.float32,
                                 compute_dtype=resolve_dtype(quant.compute_dtype, ctx.device))
-    try:
+    with _load_errors(spec):
         runner = distributed.load_sharded(
             spec.path, config, ctx, dtype=torch.float32,
             prepare=lambda m: _ready_for_training(m, quant, lora, gradient_checkpointing, resume_adapter))
+    set_portable_name(distributed.inner(runner), spec)
+    return runner
+
+
+@contextlib.contextmanager
+def _load_errors(spec: ModelSpec):
+    """Loading errors as one SetupError line naming --model (a SetupError raised inside already says what to
+    fix and passes through)."""
+    try:
+        yield
     except SetupError:
         raise
     except ImportError as exc:
@@ -190,8 +193,6 @@ def load_sharded_for_training(spec: ModelSpec, quant: QuantSettings, lora: LoraS
         if type(exc).__name__ != "SafetensorError":
             raise
         raise SetupError(f"--model {spec.label}: corrupt weights ({_first_line(exc)})") from None
-    set_portable_name(distributed.inner(runner), spec)
-    return runner
 
 
 def set_portable_name(model, spec: ModelSpec):
