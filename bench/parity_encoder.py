@@ -482,7 +482,7 @@ def main(argv=None) -> int:
         held_feats = [f for task in a.tasks for f in encode(tokenizer, tasks[task][2], a.max_length)]
         inputs = capture_inputs(fm, held_feats, pad, a.qerr_tokens)
         qerr = parity.quant_error(weights, inputs)
-        pre = {"zero_shot": zs, "commit": git_commit(short=False, sep="+"),
+        pre = {"zero_shot": zs, "commit": COMMIT,
                "ordering_weights": parity.ordering_counts(qerr, "per_layer_weight_rel_mse"),
                "ordering_outputs": parity.ordering_counts(qerr, "per_layer_output_rel_mse"),
                "output_rel_mse_by_kind": {f: per_layer_kind(r["per_layer_output_rel_mse"]) for f, r in qerr.items()},
