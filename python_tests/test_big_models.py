@@ -285,7 +285,7 @@ def _fsdp_and_single(model_dir, tmp_path):
         assert main(args(tmp_path / "single")) == 0
     finally:
         torch.set_num_threads(n)
-    res = torchrun("-m", "qlora_ext", *args(tmp_path / "fsdp"), "--distributed", "fsdp", cwd=tmp_path)
+    res = torchrun("-m", "qlora_ext", *args(tmp_path / "fsdp"), "--distributed", "fsdp", "--progress", cwd=tmp_path)
     runs = {}
     for name in ("single", "fsdp"):
         out = tmp_path / name
@@ -321,6 +321,8 @@ def test_finetune_fsdp_loads_float_checkpoint_into_shards(made, tmp_path):
     assert sum(per_rank) >= whole  # together they quantized every weight (blocks on a boundary twice)
     assert max(per_rank) < 0.6 * whole, load  # and no rank came near the whole 4-bit model
     assert "4-bit codes quantized per rank" in stderr
+    # the loading bar: rank 0's only, ended once (tqdm ends a closed bar with one newline)
+    assert sum("load shards: 100%" in line for line in stderr.split("\n")) == 1, stderr[-2000:]
 
 
 def test_finetune_fsdp_on_an_already_quantized_checkpoint(made, tmp_path):

@@ -309,7 +309,7 @@ def _quantize_shard(handle, key: str, module, local: torch.Tensor, start: int, c
 
 
 def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
-                 prepare: Optional[Callable[[nn.Module], nn.Module]] = None) -> "Runner":
+                 prepare: Optional[Callable[[nn.Module], nn.Module]] = None, progress: bool = False) -> "Runner":
     """A float checkpoint loaded straight into FSDP2 shards: the model is built on the meta device (buffers
     real), every linear layer but the kept-float ones becomes a Linear4bit, `fully_shard` runs per decoder
     layer and on the root, and then each rank reads only the rows of each checkpoint tensor that its shards
@@ -322,6 +322,8 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
     on the CPU, for real, while their base is on meta: qlora_ext.nn.LoraLinear4bit.add_adapter). Parameters
     it leaves off the meta device keep their values (FSDP2 shards them); every other one is read from the
     checkpoint.
+
+    `progress`: a bar over the checkpoint's tensors on this rank's stderr (pass it on one rank only).
 
     Returns the Runner (as `wrap` does) around the model, in eval mode, with `runner.load_report`: this rank's
     `quantized_bytes` (4-bit codes it produced) and the whole model's `packed_bytes`. Collective."""
@@ -381,9 +383,15 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
     modules = dict(model.named_modules())
     tied = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()}
     report = {"quantized_bytes": 0, "packed_bytes": 0}
-    for name, p in model.named_parameters():
-        if name in made_real:
-            continue  # prepare()'s (adapters): restored above
+    to_load = [(n, p) for n, p in model.named_parameters() if n not in made_real]  # prepare()'s: restored above
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(to_load), desc="load shards", unit="tensor", dynamic_ncols=True, file=sys.stderr,
+                   mininterval=0.5)
+    for name, p in to_load:
         local = local_of(p)
         start, _ = _shard_range(p.shape[0], ctx.rank, ctx.world_size) if isinstance(p, DTensor) else (0, 0)
         key = name if name in where else tied.get(name, name)
@@ -399,6 +407,10 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
                 local.copy_(_read_rows(where[key], key, start, start + local.shape[0]))  # converts as it copies
         _io.drop_mapped_pages()
         _io.release_free_heap()  # this tensor's float slice: not left resident in the heap under the next one
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     del handles
     model.eval()
     runner.load_report = report

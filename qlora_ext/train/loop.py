@@ -114,7 +114,7 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     if cfg.distributed == "fsdp" and run_model.loads_into_shards(spec):
         # a float checkpoint: built on meta, sharded, each rank quantizing only its own shard of each weight
         wrapped = run_model.load_sharded_for_training(spec, cfg.quant, cfg.lora, ctx, cfg.gradient_checkpointing,
-                                                      resume_from)
+                                                      resume_from, progress=cfg.progress and main)
         model = distributed.inner(wrapped)
         load_report = _sharded_load_report(wrapped.load_report, ctx)
     else:

@@ -160,7 +160,8 @@ def loads_into_shards(spec: ModelSpec) -> bool:
 
 
 def load_sharded_for_training(spec: ModelSpec, quant: QuantSettings, lora: LoraSettings, ctx,
-                              gradient_checkpointing: bool = True, resume_adapter: Optional[pathlib.Path] = None):
+                              gradient_checkpointing: bool = True, resume_adapter: Optional[pathlib.Path] = None,
+                              progress: bool = False):
     """load_for_training for FSDP2 on a float checkpoint, without the whole model on any rank: the model is
     built on the meta device, readied and given its adapter there (the adapter itself is real, initialised from
     the same RNG draws as load_for_training's), sharded, and then each rank quantizes only its own shard of
@@ -172,7 +173,8 @@ def load_sharded_for_training(spec: ModelSpec, quant: QuantSettings, lora: LoraS
     with _load_errors(spec):
         runner = distributed.load_sharded(
             spec.path, config, ctx, dtype=torch.float32,
-            prepare=lambda m: _ready_for_training(m, quant, lora, gradient_checkpointing, resume_adapter))
+            prepare=lambda m: _ready_for_training(m, quant, lora, gradient_checkpointing, resume_adapter),
+            progress=progress)
     set_portable_name(distributed.inner(runner), spec)
     return runner
 
