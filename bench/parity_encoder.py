@@ -343,7 +343,7 @@ def plot(summ: Dict, zs: Dict, path: pathlib.Path) -> None:
     if zs:
         ax = axes[-1]
         cs = [c for c in CONFIGS if c != "16-bit" and c in zs]
-        for j, task in enumerate(TASKS):
+        for j, task in enumerate(t for t in TASKS if t in zs["16-bit"]):   # the tasks this study ran
             ax.bar([i + 0.4 * j for i in range(len(cs))], [1 - zs[c][task]["cosine_mean"] for c in cs], width=0.4,
                    label=task)
         ax.set_xticks([i + 0.2 for i in range(len(cs))], cs)
@@ -396,16 +396,17 @@ def render(summ, runs, pre, header) -> str:
                      f"head identical: {ok('head_init_sha256')}; batch order identical: {ok('data_order_sha256')}")
     if pre:
         zs, qerr = pre["zero_shot"], pre["quant_error"]
+        zt = [t for t in TASKS if t in zs["16-bit"]]   # the tasks this study ran
         L += ["", "## Before training: zero-shot damage", "",
               "Cosine between each format's and the float model's pooled sentence embeddings (mean pooling, L2 "
               "norm) over the held-out sentences; probe: held-out accuracy of a logistic-regression head trained on "
               "the float model's frozen train embeddings (pair task: [u, v, |u-v|, u*v]), applied unchanged to "
               "each format's embeddings.", "",
-              "| format | " + " | ".join(f"{t} cosine mean (min) | {t} probe acc %" for t in TASKS) + " |",
-              "| --- |" + " ---: | ---: |" * len(TASKS)]
+              "| format | " + " | ".join(f"{t} cosine mean (min) | {t} probe acc %" for t in zt) + " |",
+              "| --- |" + " ---: | ---: |" * len(zt)]
         for c, r in zs.items():
             L.append(f"| {c} | " + " | ".join(f"{r[t]['cosine_mean']:.5f} ({r[t]['cosine_min']:.4f}) | "
-                                             f"{100 * r[t]['probe_accuracy']:.2f}" for t in TASKS) + " |")
+                                             f"{100 * r[t]['probe_accuracy']:.2f}" for t in zt) + " |")
         L += ["", f"## Pure quantization error (block size {parity.BLOCKSIZE})", "",
               f"On the model's {qerr['nf4']['layers']} quantizable linear weights (all but the classifier). Weight "
               "MSE: sum of squared errors / number of weights; relative: ||dW||^2 / ||W||^2, mean over layers; "

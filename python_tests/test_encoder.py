@@ -277,3 +277,35 @@ def test_encoder_tasks_are_reproducible_and_held_out(tmp_path, monkeypatch):
         assert not {key(r) for r in rows["train"]} & {key(r) for r in rows["heldout"]}
         assert {r["label"] for r in rows["heldout"]} == set(range(classes))
         assert len(rows["heldout"]) == 320
+
+
+def test_parity_study_runs_end_to_end(minilm, tmp_path):
+    """bench/parity_encoder.py, shrunk to 2 steps on 16 held-out sentences: every stage runs (zero-shot damage,
+    quantization error, training, report), and the configs of a seed share LoRA init, head init and batch
+    order while their bases differ. (The study once broke unnoticed when a helper it used was renamed.)"""
+    import importlib.util
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("parity_encoder", REPO / "bench" / "parity_encoder.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    runs, out = tmp_path / "runs", tmp_path / "report.md"
+    args = ["--tasks", "intent", "--configs", "16-bit", "nf4-dq", "--seeds", "0", "--steps", "2", "--eval-limit",
+            "16", "--qerr-tokens", "64", "--runs-dir", str(runs), "--out", str(out), "--no-progress"]
+    assert mod.main(args) == 0
+    a, b = (json.loads((runs / f"intent_{c}_seed0.json").read_text()) for c in ("16-bit", "nf4-dq"))
+    for key in ("lora_init_sha256", "head_init_sha256", "data_order_sha256"):
+        assert a[key] == b[key], key
+    assert a["settings"]["schedule"] == "linear" and a["settings"]["steps"] == 2 and a["eval_examples"] == 16
+    assert len(a["train_losses"]) == len(b["train_losses"]) == 2
+    assert a["train_losses"][0] != b["train_losses"][0]   # the same head and LoRA (B = 0) on another base
+    pre = json.loads((runs / "before_training.json").read_text())
+    assert 0.9 < pre["zero_shot"]["nf4-dq"]["intent"]["cosine_mean"] < 1.0
+    assert pre["zero_shot"]["16-bit"]["intent"]["cosine_mean"] == pytest.approx(1.0)
+    report = out.read_text()
+    assert "## intent: held-out accuracy and loss" in report and "| nf4-dq | 1 |" in report
+    assert out.with_suffix(".png").is_file()
