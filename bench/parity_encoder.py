@@ -23,6 +23,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import datetime  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -289,15 +290,53 @@ def capture_inputs(float_model, feats, pad_id: int, max_tokens: int) -> Dict[str
     return {n: torch.cat(v) for n, v in got.items()}
 
 
+def layer_kind(name: str) -> str:
+    parts = name.split(".")
+    i = next((i for i, x in enumerate(parts) if x.isdigit()), None)   # encoder.layer.<i>.<kind>
+    return ".".join(parts[i + 1:]) if i is not None else ".".join(parts[-2:])
+
+
 def per_layer_kind(per_layer: Dict[str, float]) -> Dict[str, float]:
     """Mean per-layer error by kind of layer (query, key, value, attention.output, intermediate, output, pooler)."""
     kinds: Dict[str, List[float]] = {}
     for n, v in per_layer.items():
-        parts = n.split(".")
-        i = next((i for i, x in enumerate(parts) if x.isdigit()), None)   # encoder.layer.<i>.<kind>
-        kind = ".".join(parts[i + 1:]) if i is not None else ".".join(parts[-2:])
-        kinds.setdefault(kind, []).append(v)
+        kinds.setdefault(layer_kind(n), []).append(v)
     return {k: statistics.fmean(v) for k, v in sorted(kinds.items())}
+
+
+@torch.no_grad()
+def damage_by_kind(float_model, tokenizer, tasks, a, fmt: str = "nf4-dq") -> Dict:
+    """Where the zero-shot damage comes from: per kind of linear layer (and per block), the float encoder with
+    only those weights round-tripped through `fmt`, every other weight float; 1 - cosine of the pooled
+    held-out sentence embeddings against the float model's, mean over sentences, per task. No training, no
+    noise: which layers' quantization error moves the representation. (The pooler is off the path of the
+    mean-pooled embeddings: 0 by construction; the classifier reads it.)"""
+    pad = tokenizer.pad_token_id
+    held = {(task, key): encode(tokenizer, [{"text": r[key], "label": r["label"]} for r in rows[2]], a.max_length)
+            for task, rows in tasks.items() for key in ("text", "text_pair") if key in rows[2][0]}
+    ref = {k: embeddings(float_model.bert, f, pad) for k, f in held.items()}
+    weights = parity.linear_weights(float_model)
+    kinds: Dict[str, List[str]] = {}
+    blocks: Dict[str, List[str]] = {}
+    for n in weights:
+        kinds.setdefault(layer_kind(n), []).append(n)
+        block = next((x for x in n.split(".") if x.isdigit()), None)
+        if block is not None:
+            blocks.setdefault(f"block {block}", []).append(n)
+    groups = {"all": list(weights), **kinds, **blocks}
+    out = {}
+    for g, names in groups.items():
+        model = copy.deepcopy(float_model.bert)
+        mods = dict(model.named_modules())
+        for n in names:
+            w = mods[n.removeprefix("bert.")].weight
+            w.copy_(parity.roundtrip(w, fmt))
+        out[g] = {"layers": len(names)}
+        for task in tasks:
+            cos = torch.cat([(embeddings(model, f, pad) * ref[k]).sum(-1) for k, f in held.items() if k[0] == task])
+            out[g][task] = 1 - float(cos.mean())
+        del model
+    return {"format": fmt, "groups": out}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -422,6 +461,17 @@ def render(summ, runs, pre, header) -> str:
                   "| format | " + " | ".join(ks) + " |", "| --- |" + " ---: |" * len(ks)]
             for f, r in kinds.items():
                 L.append(f"| {f} | " + " | ".join(f"{r[k]:.3e}" for k in ks) + " |")
+        dmg = pre.get("damage_by_kind")
+        if dmg:
+            gt = [t for t in zt if t in dmg["groups"]["all"]]
+            L += ["", f"Where the zero-shot damage comes from: only the named layers round-tripped through "
+                  f"{dmg['format']} (every other weight float), 1 - cosine of the pooled held-out embeddings vs "
+                  f"the float model's (mean over sentences; commit {dmg['commit'][:10]}):", "",
+                  "| layers quantized | count | " + " | ".join(f"{t} 1 - cos | {t} share of 'all'" for t in gt) + " |",
+                  "| --- | ---: |" + " ---: | ---: |" * len(gt)]
+            for g, r in dmg["groups"].items():
+                L.append(f"| {g} | {r['layers']} | " + " | ".join(
+                    f"{r[t]:.2e} | {r[t] / dmg['groups']['all'][t]:.2f}" for t in gt) + " |")
         for what, o in (("weights", pre.get("ordering_weights")), ("outputs", pre.get("ordering_outputs"))):
             if o:
                 L.append(f"\nPer-layer ordering ({what}, of {o['layers']} layers): NF4 < FP4 in {o['nf4<fp4']}, "
@@ -494,6 +544,11 @@ def main(argv=None) -> int:
                "seconds": time.time() - t}
         pre_path.write_text(json.dumps(pre, indent=1))
         print(f"before training: {pre['seconds']:.0f} s", file=sys.stderr, flush=True)
+    if pre is not None and "damage_by_kind" not in pre:   # added after the first studies: filled in when missing
+        t = time.time()
+        pre["damage_by_kind"] = damage_by_kind(models[a.tasks[0]], tokenizer, tasks, a)
+        pre["damage_by_kind"].update(commit=COMMIT, seconds=time.time() - t)
+        pre_path.write_text(json.dumps(pre, indent=1))
 
     feats = {t: (encode(tokenizer, tasks[t][1], a.max_length), encode(tokenizer, tasks[t][2], a.max_length))
              for t in a.tasks}

@@ -306,6 +306,12 @@ def test_parity_study_runs_end_to_end(minilm, tmp_path):
     pre = json.loads((runs / "before_training.json").read_text())
     assert 0.9 < pre["zero_shot"]["nf4-dq"]["intent"]["cosine_mean"] < 1.0
     assert pre["zero_shot"]["16-bit"]["intent"]["cosine_mean"] == pytest.approx(1.0)
+    groups = pre["damage_by_kind"]["groups"]   # per kind of layer and per block, plus all 37 layers at once
+    assert groups["all"]["layers"] == 37 and sum(g["layers"] for k, g in groups.items() if k.startswith("block")) == 36
+    assert groups["all"]["intent"] == pytest.approx(1 - pre["zero_shot"]["nf4-dq"]["intent"]["cosine_mean"], rel=1e-3)
+    assert groups["pooler.dense"]["intent"] == 0   # not on the path of the mean-pooled embeddings
+    assert all(0 < g["intent"] < groups["all"]["intent"] for k, g in groups.items() if k not in ("all", "pooler.dense"))
     report = out.read_text()
     assert "## intent: held-out accuracy and loss" in report and "| nf4-dq | 1 |" in report
+    assert "| attention.self.value | 6 |" in report
     assert out.with_suffix(".png").is_file()
