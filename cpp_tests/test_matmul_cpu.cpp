@@ -77,7 +77,7 @@ TEST(MatmulCpu, GemvErrorWithinTwiceNaiveFloat32) {
                       {5, 4099}})
     for (QuantType qt : {QuantType::kNF4, QuantType::kFP4})
       for (int64_t M : {1, 2, 3, 4, 7, 8, 9, 17, 40, 64}) {
-        if (M > gemv_4bit_cpu_max_m()) continue;  // the ISA's limit (8 on AVX2 / scalar, 32 on AVX-512)
+        if (M > gemv_4bit_cpu_max_m()) continue;  // the ISA's limit (8 scalar, 32 on AVX2 / AVX-512)
         const int64_t bs = (N + M) % 3 == 0 ? 32 : (N + M) % 3 == 1 ? 64 : 256;
         Quantized q = make_weight(N, K, bs, qt, uint32_t(N * K + M));
         std::vector<float> W(N * K), x(M * K), y(M * N);

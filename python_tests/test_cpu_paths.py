@@ -19,6 +19,7 @@ from qlora_ext import functional as F
 from qlora_ext._ops import _C
 bad = []
 g = torch.Generator().manual_seed(7)
+g_wide = torch.Generator().manual_seed(8)   # M > 8 draws its own x: the M <= 8 cases keep their inputs
 # rows of whole blocks (K a multiple of the block size: the AVX2 block kernel) and rows that are not
 for N, K, bs, qt, dq in [(33, 1000, 64, "nf4", True), (31, 77, 32, "nf4", True), (70, 4099, 256, "fp4", True),
                          (9, 4096, 128, "nf4", True), (5, 31, 32, "fp4", True), (37, 640, 64, "nf4", True),
@@ -27,8 +28,8 @@ for N, K, bs, qt, dq in [(33, 1000, 64, "nf4", True), (31, 77, 32, "nf4", True),
     w = torch.randn(N, K, generator=g) * 0.05
     packed, state = F.quantize_4bit(w, bs, qt, dq)
     W = F.dequantize_4bit(packed, state).double()
-    for M in range(1, 9):
-        x = torch.randn(M, K, generator=g)
+    for M in [*range(1, 9), 9, 12, 17, 32]:   # up to the SIMD paths' limit, in groups of 8 rows and remainders
+        x = torch.randn(M, K, generator=g if M <= 8 else g_wide)
         ref = x.double() @ W.t()
         e = (F.matmul_4bit(x, packed, state).double() - ref).abs().max().item()
         el = (torch.nn.functional.linear(x, W.float()).double() - ref).abs().max().item()

@@ -15,10 +15,11 @@ struct Weight4 {
 };
 
 // Largest M the fused CPU kernel takes (it depends on the instruction set chosen at run time); larger
-// batches go through dequantized row tiles and a GEMM. kGemvMaxM: AVX2 / scalar; AVX-512 takes up to
-// kGemvMaxMAvx512 rows, in groups of 8 over L2-resident tiles of W (bench/results/bench_matmul_cpu.md).
+// batches go through dequantized row tiles and a GEMM. kGemvMaxM: the scalar path's limit, and the rows of x
+// one SIMD pass keeps in registers; AVX-512 and AVX2 take up to kGemvMaxMSimd rows, in groups of 8 over
+// L2-resident tiles of W (bench/results/bench_matmul_cpu.md, bench_matmul_cpu_avx2.md).
 constexpr int64_t kGemvMaxM = 8;
-constexpr int64_t kGemvMaxMAvx512 = 32;
+constexpr int64_t kGemvMaxMSimd = 32;
 int64_t gemv_4bit_cpu_max_m();
 
 // out[M, N] = x[M, K] @ W^T, x and out contiguous. Reads only the packed bytes and scales (never a float

@@ -288,7 +288,7 @@ bool valid(const Weight4& w) {
 
 }  // namespace
 
-int64_t gemv_4bit_cpu_max_m() { return detail::isa_level() == 2 ? kGemvMaxMAvx512 : kGemvMaxM; }
+int64_t gemv_4bit_cpu_max_m() { return detail::isa_level() >= 1 ? kGemvMaxMSimd : kGemvMaxM; }
 
 Status dequantize_4bit_tile_cpu(const Weight4& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, void* out,
                                 DType odt) {
@@ -327,7 +327,7 @@ Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void
     // float32 results go straight to out; other dtypes through a float32 buffer (rounded once)
     std::vector<float> obuf(odt == DType::kFloat32 ? 0 : M * N);
     float* o = odt == DType::kFloat32 ? static_cast<float*>(out) : obuf.data();
-    // Rows of x in groups of 8 (the register budget; AVX2 takes at most 8); each group sweeps a tile of W rows (~256 KiB packed)
+    // Rows of x in groups of 8 (the register budget); each group sweeps a tile of W rows (~256 KiB packed)
     // that stays in L2 for the next group, so the packed weight comes from memory once. Threads take tiles from a
     // shared counter rather than one fixed share each: a thread that starts late (woken from sleep, or preempted on
     // a busy or virtual machine) then costs its lateness shared between the threads, not added to the whole call.
