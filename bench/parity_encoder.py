@@ -290,17 +290,18 @@ def capture_inputs(float_model, feats, pad_id: int, max_tokens: int) -> Dict[str
     return {n: torch.cat(v) for n, v in got.items()}
 
 
-def layer_kind(name: str) -> str:
+def block_and_kind(name: str):
+    """("3", "attention.self.value") for bert.encoder.layer.3.attention.self.value; (None, "pooler.dense")."""
     parts = name.split(".")
     i = next((i for i, x in enumerate(parts) if x.isdigit()), None)   # encoder.layer.<i>.<kind>
-    return ".".join(parts[i + 1:]) if i is not None else ".".join(parts[-2:])
+    return (parts[i], ".".join(parts[i + 1:])) if i is not None else (None, ".".join(parts[-2:]))
 
 
 def per_layer_kind(per_layer: Dict[str, float]) -> Dict[str, float]:
     """Mean per-layer error by kind of layer (query, key, value, attention.output, intermediate, output, pooler)."""
     kinds: Dict[str, List[float]] = {}
     for n, v in per_layer.items():
-        kinds.setdefault(layer_kind(n), []).append(v)
+        kinds.setdefault(block_and_kind(n)[1], []).append(v)
     return {k: statistics.fmean(v) for k, v in sorted(kinds.items())}
 
 
@@ -319,8 +320,8 @@ def damage_by_kind(float_model, tokenizer, tasks, a, fmt: str = "nf4-dq") -> Dic
     kinds: Dict[str, List[str]] = {}
     blocks: Dict[str, List[str]] = {}
     for n in weights:
-        kinds.setdefault(layer_kind(n), []).append(n)
-        block = next((x for x in n.split(".") if x.isdigit()), None)
+        block, kind = block_and_kind(n)
+        kinds.setdefault(kind, []).append(n)
         if block is not None:
             blocks.setdefault(f"block {block}", []).append(n)
     groups = {"all": list(weights), **kinds, **blocks}
@@ -416,10 +417,9 @@ def render(summ, runs, pre, header) -> str:
                      f"{', '.join(f'{100 * v:.1f}' for v in acc['values'])} |")
         if base and "nf4-dq" in summ[task]:
             seeds = sorted(set(base["seeds"]) & set(summ[task]["nf4-dq"]["seeds"]))
-            sub = summarize([r for r in runs if r["task"] == task and r["seed"] in seeds])[task]
-            d = 100 * (sub["nf4-dq"]["accuracy"]["mean"] - sub["16-bit"]["accuracy"]["mean"])
             by = {(r["config"], r["seed"]): r["accuracy"] for r in runs if r["task"] == task}
             pd = [100 * (by[("nf4-dq", s_)] - by[("16-bit", s_)]) for s_ in seeds]
+            d = statistics.fmean(pd)   # the difference of the two means over these seeds
             se = statistics.stdev(pd) / math.sqrt(len(pd)) if len(pd) > 1 else float("nan")
             verdict = ("met" if abs(d) <= 1 else
                        "NOT met as |difference| <= 1, but NF4 + DQ is above 16-bit, not below: no loss" if d > 1 else

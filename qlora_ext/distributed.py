@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -332,6 +333,7 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
+    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .model import _checkpoint_files, _float_modules, _replace_linears
@@ -384,14 +386,8 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
     tied = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()}
     report = {"quantized_bytes": 0, "packed_bytes": 0}
     to_load = [(n, p) for n, p in model.named_parameters() if n not in made_real]  # prepare()'s: restored above
-    bar = None
-    if progress:
-        import sys
-
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(to_load), desc="load shards", unit="tensor", dynamic_ncols=True, file=sys.stderr,
-                   mininterval=0.5)
-    for name, p in to_load:
+    for name, p in tqdm(to_load, desc="load shards", unit="tensor", dynamic_ncols=True, file=sys.stderr,
+                        mininterval=0.5, disable=not progress):
         local = local_of(p)
         start, _ = _shard_range(p.shape[0], ctx.rank, ctx.world_size) if isinstance(p, DTensor) else (0, 0)
         key = name if name in where else tied.get(name, name)
@@ -407,10 +403,6 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
                 local.copy_(_read_rows(where[key], key, start, start + local.shape[0]))  # converts as it copies
         _io.drop_mapped_pages()
         _io.release_free_heap()  # this tensor's float slice: not left resident in the heap under the next one
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     del handles
     model.eval()
     runner.load_report = report
