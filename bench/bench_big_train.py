@@ -15,7 +15,7 @@ own ru_maxrss. Seconds per step from the child's step timings (the first step ap
 costs). The machine is shared (see the load average recorded): times are under load.
 
     python bench/bench_big_train.py --model /work/bigmodels/llama-13b-nf4 --side qlora_ext \\
-        --extra="--embedding-dtype bfloat16" --out bench/results/big_train_13b.md
+        --extra="--embedding-dtype bfloat16 --lora-dtype bfloat16" --out bench/results/big_train_cpu.md
 """
 import argparse
 import datetime
@@ -149,9 +149,11 @@ def estimate_for(args) -> dict:
     sys.path.insert(0, str(REPO))
     from qlora_ext import estimate as E
     extra = shlex.split(args.extra or "")
-    emb = extra[extra.index("--embedding-dtype") + 1] if "--embedding-dtype" in extra else "float32"
+    def flag(name):
+        return extra[extra.index(name) + 1] if name in extra else "float32"
     return E.finetune_estimate(E.resolve_shape(args.model), lora_r=64, batch=1, seq_len=args.length,
-                               compute_dtype="float32", embedding_dtype=emb, optim=args.optim)
+                               compute_dtype="float32", embedding_dtype=flag("--embedding-dtype"), optim=args.optim,
+                               lora_dtype=flag("--lora-dtype"))
 
 
 def main() -> int:

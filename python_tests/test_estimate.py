@@ -112,8 +112,13 @@ def test_finetune_estimate_counts_what_finetune_stores():
     assert base["weights"] - small["weights"] == 2 * s.embedding_params
     assert small["optimizer"] == int(t * (2 + 8 / 256))
     assert base["total"] == sum(base[c] for c in E.COMPONENTS) + base["runtime"]
+    half = E.finetune_estimate(s, seq_len=128, lora_dtype="bfloat16")
+    assert half["adapters"] == 2 * t and half["gradients"] == 2 * t and half["optimizer"] == base["optimizer"]
+    assert base["total"] - half["total"] == 4 * t
     with pytest.raises(ValueError, match="optim must be one of"):
         E.finetune_estimate(s, optim="sgd")
+    with pytest.raises(ValueError, match="lora_dtype must be one of"):
+        E.finetune_estimate(s, lora_dtype="int8")
 
 
 def test_cli_estimate_finetune(capsys):
@@ -123,5 +128,9 @@ def test_cli_estimate_finetune(capsys):
     assert rep["finetune"]["settings"]["optim"] == "paged_adamw_8bit"
     assert rep["finetune"]["bytes"] == E.finetune_estimate(E.NAMED["13B"], seq_len=128, embedding_dtype="bfloat16",
                                                            optim="paged_adamw_8bit")
+    assert main(["estimate", "--model", "33B", "--seq-len", "128", "--finetune", "--lora-dtype", "bfloat16",
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["finetune"]["bytes"] == E.finetune_estimate(E.NAMED["33B"], seq_len=128, lora_dtype="bfloat16")
     assert main(["estimate", "--model", "1B", "--finetune"]) == 0
     assert "qlora-ext finetune, one process" in capsys.readouterr().out

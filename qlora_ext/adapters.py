@@ -150,13 +150,16 @@ def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
 
 def add_lora(model: nn.Module, r: int = 64, lora_alpha: float = 16, lora_dropout: float = 0.05,
              target_modules: Union[str, List[str]] = "all-linear", use_rslora: bool = False,
-             adapter_name: str = "default", modules_to_save: Union[str, List[str], None] = "auto") -> nn.Module:
+             adapter_name: str = "default", modules_to_save: Union[str, List[str], None] = "auto",
+             lora_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Adds a LoRA adapter named `adapter_name` to the targeted 4-bit layers (default: all of them, the QLoRA
     paper's finding), makes it active, and freezes everything else except `modules_to_save`: float modules
     trained in full and saved with the adapter (PEFT's option of that name; "auto" = PEFT's default for the
     model's task: 'classifier' / 'score' for sequence and token classification, 'qa_outputs' for question
-    answering, none otherwise). Returns the model. Arguments are validated before the model is touched
-    (ValueError naming the bad one)."""
+    answering, none otherwise). `lora_dtype`: the adapter weights' (and so their gradients') dtype; float32
+    (PEFT's) or 16-bit, which halves both (the QLoRA paper trained bfloat16 adapters; the optimizers keep
+    their own float32 or 8-bit state either way); float32 activations still multiply in float32. Returns
+    the model. Arguments are validated before the model is touched (ValueError naming the bad one)."""
     check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
     if modules_to_save == "auto":
         modules_to_save = _task(model)[1]
@@ -171,10 +174,10 @@ def add_lora(model: nn.Module, r: int = 64, lora_alpha: float = 16, lora_dropout
     for n in names:
         m = model.get_submodule(n)
         if isinstance(m, LoraLinear4bit):
-            m.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+            m.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
         else:
             _replace(model, n, LoraLinear4bit.from_linear4bit(m, r, lora_alpha, lora_dropout, use_rslora,
-                                                              adapter_name))
+                                                              adapter_name, lora_dtype))
     set_adapter(model, adapter_name)
     _set_saved(model, adapter_name, modules_to_save if saved else None, saved)
     return model
@@ -325,9 +328,11 @@ def _read_adapter_config(path: Path) -> Tuple[dict, bytes]:
     return cfg, raw
 
 
-def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
+def load_adapter(model: nn.Module, directory, adapter_name: str = "default",
+                 lora_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Loads a PEFT LoRA adapter (ours or PEFT's; target_modules as suffixes, full paths or a regex) onto the
-    model's 4-bit layers under `adapter_name` and makes it active. The files are untrusted: the config, every
+    model's 4-bit layers under `adapter_name`, its weights in `lora_dtype` (float32 whatever the file holds,
+    as PEFT does by default), and makes it active. The files are untrusted: the config, every
     key, shape, dtype and value are validated before the model is modified (ValueError naming the key)."""
     path = Path(directory)
     cfg, raw = _read_adapter_config(path)
@@ -383,10 +388,10 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
         alpha = _pattern(cfg["alpha_pattern"], n, cfg["lora_alpha"])
         if not isinstance(m, LoraLinear4bit):
             m = LoraLinear4bit.from_linear4bit(m, r, alpha, cfg["lora_dropout"], cfg.get("use_rslora", False),
-                                               adapter_name)
+                                               adapter_name, lora_dtype)
             _replace(model, n, m)
         else:
-            m.add_adapter(adapter_name, r, alpha, cfg["lora_dropout"], cfg.get("use_rslora", False))
+            m.add_adapter(adapter_name, r, alpha, cfg["lora_dropout"], cfg.get("use_rslora", False), lora_dtype)
         with torch.no_grad():
             m.lora_A[adapter_name].weight.copy_(loaded[n]["A"])
             m.lora_B[adapter_name].weight.copy_(loaded[n]["B"])

@@ -220,20 +220,20 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def finetune_estimate(shape: ModelShape, lora_r: int = 64, batch: int = 1, seq_len: int = 512,
                       gradient_checkpointing: bool = True, blocksize: int = 64, double_quant: bool = True,
                       compute_dtype: str = "float32", embedding_dtype: str = "float32",
-                      optim: str = "paged_adamw_32bit") -> Dict[str, int]:
+                      optim: str = "paged_adamw_32bit", lora_dtype: str = "float32") -> Dict[str, int]:
     """Bytes of a `qlora-ext finetune` run (one process) as it stores things, unlike the paper's 16-bit
-    assumptions of `estimate`: LoRA weights and their gradients in float32 (always), norms in float32
+    assumptions of `estimate`: LoRA weights and their gradients in `lora_dtype` (--lora-dtype), norms in float32
     (prepare_model_for_training), the input embeddings and untied head in `embedding_dtype`
     (--embedding-dtype), optimizer state per `optim` (8 bytes per trainable parameter, 2.03 in 8 bits),
     activations in the compute dtype (float32 on CPU), plus the process's fixed runtime (FINETUNE_RUNTIME_BYTES).
     Keys: the COMPONENTS, 'runtime', 'total' and 'trainable'."""
     for label, v, table in (("compute_dtype", compute_dtype, DTYPE_BYTES), ("embedding_dtype", embedding_dtype,
-                            DTYPE_BYTES), ("optim", optim, OPTIM_BYTES)):
+                            DTYPE_BYTES), ("optim", optim, OPTIM_BYTES), ("lora_dtype", lora_dtype, DTYPE_BYTES)):
         if v not in table:
             raise ValueError(f"{label} must be one of {', '.join(table)}, got {v!r}")
     out = estimate(shape, "qlora", lora_r=lora_r, batch=batch, seq_len=seq_len,
                    gradient_checkpointing=gradient_checkpointing, blocksize=blocksize, double_quant=double_quant,
-                   weight_bytes=2, adapter_bytes=4)
+                   weight_bytes=2, adapter_bytes=DTYPE_BYTES[lora_dtype])
     trainable = out["trainable"]
     out["weights"] += (shape.embedding_params * (DTYPE_BYTES[embedding_dtype] - 2) + shape.norm_params * 2)
     out["optimizer"] = int(trainable * OPTIM_BYTES[optim])
@@ -295,7 +295,7 @@ def per_rank(shape: ModelShape, method: str, world_size: int, strategy: str = "f
 def report(model: str, world_size: int = 1, strategy: str = "fsdp", finetune: Dict = None, **kw) -> Dict:
     """Everything `qlora-ext estimate` prints, as a dict (the --json output); with world_size > 1 also the
     bytes per rank of a `strategy` run on world_size ranks (the batch being the global batch); with `finetune`
-    (compute_dtype, embedding_dtype, optim) also what `qlora-ext finetune` itself holds (finetune_estimate)."""
+    (compute_dtype, embedding_dtype, optim, lora_dtype) also what `qlora-ext finetune` itself holds (finetune_estimate)."""
     shape = resolve_shape(model)
     rep = {"model": asdict(shape), "params": shape.params, "settings": kw,
            "bytes": {m: estimate(shape, m, **kw) for m in METHODS}}
@@ -323,7 +323,8 @@ def format_table(rep: Dict) -> str:
     f = rep.get("finetune")
     if f:
         fs = f["settings"]
-        lines.append(f"qlora-ext finetune, one process ({fs['compute_dtype']} compute, float32 adapters and norms, "
+        lines.append(f"qlora-ext finetune, one process ({fs['compute_dtype']} compute, "
+                     f"{fs.get('lora_dtype', 'float32')} adapters, float32 norms, "
                      f"{fs['embedding_dtype']} embeddings and head, {fs['optim']}):")
         lines.append("  " + ", ".join(f"{c} {f['bytes'][c] / GB:.2f}" for c in COMPONENTS + ("runtime",))
                      + f"; total {f['bytes']['total'] / GB:.2f} GB")

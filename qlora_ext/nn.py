@@ -323,11 +323,15 @@ class LoraLinear4bit(Linear4bit):
         name = self.active_adapter
         if name is None:
             return y.to(x.dtype)
+        # in the wider of x's and the adapter's dtypes: 16-bit adapters (lora_dtype) under float32 activations
+        # are a storage format, widened here (their gradients come back in their own dtype)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        xa = self.lora_dropout[name](x.to(a.dtype)) @ a.t()
+        cd = torch.promote_types(x.dtype, a.dtype)
+        a, b = a.to(cd), b.to(cd)
+        xa = self.lora_dropout[name](x.to(cd)) @ a.t()
         # y + scaling * xa @ B^T as one GEMM accumulating into y (beta = 1): no separate [M, N] LoRA output,
         # scaling pass and addition over the output.
-        out = torch.addmm(y.reshape(-1, self.out_features).to(a.dtype), xa.reshape(-1, xa.shape[-1]), b.t(),
+        out = torch.addmm(y.reshape(-1, self.out_features).to(cd), xa.reshape(-1, xa.shape[-1]), b.t(),
                           alpha=self.scaling[name])
         return out.view(*y.shape[:-1], self.out_features).to(x.dtype)
 

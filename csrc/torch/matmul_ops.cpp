@@ -17,6 +17,18 @@ int64_t tile_rows(int64_t N, int64_t K) {
   return std::min(rows, N);
 }
 
+// The float32 scratch for those tiles: one buffer per calling thread, grown as needed and kept (~8 MiB), so a
+// training step's thousands of tiles neither fault fresh pages in on every call nor leave the freed tiles
+// between long-lived activations, where they fragment glibc's heap and stay resident.
+at::Tensor tile_scratch(int64_t numel) {
+  thread_local at::Tensor buf;
+  if (!buf.defined() || buf.numel() < numel) {
+    buf = at::Tensor();  // release the old one first
+    buf = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
+  }
+  return buf.narrow(0, 0, numel);
+}
+
 struct MatmulArgs {
   WeightArgs wa;
   qx::Weight4 w;
@@ -85,7 +97,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
     at::Tensor xf = x2.to(at::kFloat);
     at::Tensor out = empty_output({M, N}, x.options().dtype(at::kFloat));
     const int64_t tn = tile_rows(N, K);
-    at::Tensor tile = at::empty({tn, K}, x.options().dtype(at::kFloat));
+    at::Tensor tile = tile_scratch(tn * K).view({tn, K});
     for (int64_t n0 = 0; n0 < N; n0 += tn) {
       const int64_t rows = std::min(tn, N - n0);
       at::Tensor t = tile.narrow(0, 0, rows);
@@ -139,7 +151,7 @@ at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const
     if (N < 2 * K) {
       at::Tensor out = empty_output({M, K}, grad.options().dtype(at::kFloat));
       const int64_t tk = tile_rows(K, N);
-      at::Tensor buf = at::empty({N * tk}, grad.options().dtype(at::kFloat));
+      at::Tensor buf = tile_scratch(N * tk);
       for (int64_t k0 = 0; k0 < K; k0 += tk) {
         const int64_t cols = std::min(tk, K - k0);
         at::Tensor t = buf.narrow(0, 0, N * cols).view({N, cols});
@@ -152,7 +164,7 @@ at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const
     }
     at::Tensor out = empty_output({M, K}, grad.options().dtype(at::kFloat)).zero_();
     const int64_t tn = tile_rows(N, K);
-    at::Tensor tile = at::empty({tn, K}, grad.options().dtype(at::kFloat));
+    at::Tensor tile = tile_scratch(tn * K).view({tn, K});
     for (int64_t n0 = 0; n0 < N; n0 += tn) {
       const int64_t rows = std::min(tn, N - n0);
       at::Tensor t = tile.narrow(0, 0, rows);

@@ -135,10 +135,12 @@ def _ready_for_training(model, quant: QuantSettings, lora: LoraSettings, gradien
     model = api("prepare_model_for_training")(model, gradient_checkpointing=gradient_checkpointing,
                                               embedding_dtype=getattr(torch, quant.embedding_dtype))
     if resume_adapter is not None:
-        return api("load_adapter")(model, str(resume_adapter), adapter_name="default")
+        return api("load_adapter")(model, str(resume_adapter), adapter_name="default",
+                                   lora_dtype=getattr(torch, lora.dtype))
     try:
         return api("add_lora")(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                               target_modules=lora.target_modules, use_rslora=lora.use_rslora)
+                               target_modules=lora.target_modules, use_rslora=lora.use_rslora,
+                               lora_dtype=getattr(torch, lora.dtype))
     except ValueError as exc:
         raise SetupError(f"--target-modules {lora.target_modules}: {_first_line(exc)}") from None
 

@@ -191,6 +191,8 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: object = "all-linear"
     use_rslora: bool = False
+    # the adapter weights' and gradients' dtype: float32 (PEFT's) or 16-bit (half of both)
+    dtype: str = "float32"
 
 
 @dataclass
@@ -272,7 +274,7 @@ FLAG_OF = {"quant.quant_type": "--quant-type", "quant.double_quant": "--double-q
            "quant.blocksize": "--blocksize", "quant.compute_dtype": "--compute-dtype",
            "quant.embedding_dtype": "--embedding-dtype", "lora.r": "--lora-r",
            "lora.alpha": "--lora-alpha", "lora.dropout": "--lora-dropout", "lora.target_modules": "--target-modules",
-           "lora.use_rslora": "--use-rslora"}
+           "lora.use_rslora": "--use-rslora", "lora.dtype": "--lora-dtype"}
 
 
 def total_steps(cfg: FinetuneConfig, batches_per_epoch: int) -> int:
@@ -329,6 +331,8 @@ def validate(cfg: FinetuneConfig):
         raise SetupError(f"--compute-dtype must be auto or one of {', '.join(DTYPES)}")
     if cfg.quant.embedding_dtype not in DTYPES:
         raise SetupError(f"--embedding-dtype must be one of {', '.join(DTYPES)}")
+    if cfg.lora.dtype not in DTYPES:
+        raise SetupError(f"--lora-dtype must be one of {', '.join(DTYPES)}")
     if cfg.distributed not in (None, "ddp", "fsdp"):
         raise SetupError(f"--distributed must be ddp or fsdp, got {cfg.distributed!r}")
     if cfg.distributed == "fsdp" and cfg.optim in ("paged_adamw_8bit", "adamw_8bit"):
