@@ -11,6 +11,8 @@ Sides (each run in its own fresh process, so peak memory is per process):
   BitsAndBytesConfig(...) (the drop-in switch), qlora_ext's PagedAdamW.
 - PEFT + bitsandbytes, in its best CPU configuration: float32 compute, bitsandbytes' AdamW32bit (torch's
   AdamW where that optimizer is unavailable), `prepare_model_for_kbit_training` + `get_peft_model`.
+- on request (--sides): library-glibc (the library path with glibc's default malloc thresholds) and
+  peft-malloc (PEFT + bitsandbytes with the thresholds qlora_ext sets, through MALLOC_*_THRESHOLD_).
 All sides: NF4 + double quantization (block size 64) of every linear layer but the LM head, LoRA r=16, alpha
 16 on all linear layers, gradient checkpointing (non-reentrant), lr 2e-4; batch 4 x 256 random token ids (fixed
 seed), loss on every position. A step = forward + backward + optimizer step + zero_grad.
@@ -52,9 +54,15 @@ MiB = 1 << 20
 TARGET_TIME, TARGET_RSS = 0.5, 0.5   # issue 20: ours / PEFT + bitsandbytes
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
-SIDES = ("library", "finetune", "peft-ours", "peft")
+SIDES = ("library", "finetune", "peft-ours", "peft", "library-glibc", "peft-malloc")
 LABELS = {"library": "library path", "finetune": "qlora-ext finetune step", "peft-ours": "PEFT on qlora_ext",
-          "peft": "PEFT + bitsandbytes"}
+          "peft": "PEFT + bitsandbytes", "library-glibc": "library path, glibc's default malloc",
+          "peft-malloc": "PEFT + bitsandbytes, our malloc thresholds"}
+# the allocator variants: the same code as "library" / "peft" with glibc's malloc set differently through the
+# environment: limit_heap_retention leaves malloc alone when GLIBC_TUNABLES is set (here to a value that changes
+# nothing), and PEFT + bitsandbytes gets the thresholds limit_heap_retention sets (128 KiB, 1 MiB)
+SIDE_ENV = {"library-glibc": {"GLIBC_TUNABLES": "glibc.malloc.check=0"},
+            "peft-malloc": {"MALLOC_MMAP_THRESHOLD_": str(128 << 10), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,7 +165,8 @@ def _child(side, path, dropout, a):
     dtype = getattr(torch, a.dtype)
     torch.manual_seed(0)
     build = {"library": _library, "finetune": _finetune, "peft": _peft,
-             "peft-ours": lambda *args: _peft(*args, backend="qlora_ext")}[side]
+             "peft-ours": lambda *args: _peft(*args, backend="qlora_ext"),
+             "library-glibc": _library, "peft-malloc": _peft}[side]
     model, step, opt_name, trainable = build(path, dtype, device, a, dropout)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(1)
@@ -268,7 +277,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dropouts", default="0.05,0", help="LoRA dropouts, each a separate set of processes")
-    ap.add_argument("--sides", default=",".join(SIDES), help=f"subset of {','.join(SIDES)}")
+    ap.add_argument("--sides", default=",".join(SIDES[:4]), help=f"subset of {','.join(SIDES)}")
     ap.add_argument("--quick", action="store_true", help="1 round, 1 timed step, dropout 0.05 only")
     ap.add_argument("--out", help="also write the markdown table to this file")
     ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
@@ -302,7 +311,7 @@ def main():
         for rnd in range(a.rounds):
             for d in dropouts:
                 for side in (sides if rnd % 2 == 0 else sides[::-1]):
-                    r = _run_child(me + ["--_child", side, path, str(d)], env)
+                    r = _run_child(me + ["--_child", side, path, str(d)], {**env, **SIDE_ENV.get(side, {})})
                     results[side, d].append(r)
                     print(f"round {rnd + 1}/{a.rounds} dropout {d} {side}: steps "
                           + ", ".join(f"{t:.2f}" for t in r["steps_s"]) + " s", file=sys.stderr, flush=True)
@@ -366,7 +375,9 @@ def main():
         lines += ["", "Peak RSS is the kernel's high-water mark (`ru_maxrss`, loading included); peak RssAnon "
                   "(anonymous memory: excludes the checkpoint's file-backed pages) is sampled every 10 ms from "
                   "the parent, so it can miss a shorter peak; the increase during the steps is VmHWM after the "
-                  "steps minus RSS before them. All sides use glibc's default allocator."]
+                  "steps minus RSS before them. Allocator: qlora_ext's sides set glibc's malloc thresholds "
+                  "(`limit_heap_retention`, called by `prepare_model_for_training`); the others use glibc's "
+                  "defaults unless their label says otherwise."]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
