@@ -12,7 +12,7 @@ Sides (one fresh process each):
 
 Memory: the child's RssAnon and RSS sampled every 20 ms from /proc/PID/status (peak of each), and the child's
 own ru_maxrss. Seconds per step from the child's step timings (the first step apart: it includes one-time
-costs). The machine is shared (see the load average recorded): times are under load.
+costs). The load average before and after is recorded: other jobs on the machine slow the steps.
 
     python bench/bench_big_train.py --model /work/bigmodels/llama-13b-nf4 --side qlora_ext \\
         --extra="--embedding-dtype bfloat16 --lora-dtype bfloat16" --out bench/results/big_train_cpu.md
@@ -167,6 +167,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="markdown file to append a section to (+ .jsonl of raw results)")
     args = ap.parse_args()
     load0 = os.getloadavg()
+    commit, started = git_commit(), datetime.datetime.now(datetime.timezone.utc)  # what runs is what is there now
     with tempfile.TemporaryDirectory(dir="/work/bigmodels" if Path("/work/bigmodels").is_dir() else None) as tmp:
         fn = side_qlora if args.side == "qlora_ext" else side_peft
         info, peaks = fn(args, Path(tmp) / "run")
@@ -188,10 +189,9 @@ def main() -> int:
     header = ["model", "side", "settings", "peak RSS GB", "peak RssAnon GB", "estimate GB", "estimate vs peak",
               "step 1 s", "later steps s (mean)"]
     text = ["", f"## {Path(args.model).name}, {args.side}, {args.optim} {args.extra}".rstrip(), "",
-            f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; shared (load average {load0[0]:.1f} before, "
-            f"{load1[0]:.1f} after): step times are under load",
-            f"- commit: {git_commit()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-            f"wall {info['seconds']:.0f} s",
+            f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; load average {load0[0]:.1f} before, "
+            f"{load1[0]:.1f} after (the run's own threads count; more before means other jobs were running)",
+            f"- commit: {commit}; started {started:%Y-%m-%d %H:%M} UTC; wall {info['seconds']:.0f} s",
             f"- command: `{info['command']}`", "", *md_table(header, [row]), ""]
     if info.get("model_ready"):
         text.insert(-1, f"- {info['model_ready']}")
