@@ -11,8 +11,9 @@ Sides (each run in its own fresh process, so peak memory is per process):
   BitsAndBytesConfig(...) (the drop-in switch), qlora_ext's PagedAdamW.
 - PEFT + bitsandbytes, in its best CPU configuration: float32 compute, bitsandbytes' AdamW32bit (torch's
   AdamW where that optimizer is unavailable), `prepare_model_for_kbit_training` + `get_peft_model`.
-- on request (--sides): library-glibc (the library path with glibc's default malloc thresholds) and
-  peft-malloc (PEFT + bitsandbytes with the thresholds qlora_ext sets, through MALLOC_*_THRESHOLD_).
+- on request (--sides): library-malloc and peft-malloc, the library path and PEFT + bitsandbytes under the
+  malloc thresholds of qlora_ext.limit_heap_retention (finetune --release-freed-memory), set through
+  MALLOC_*_THRESHOLD_.
 All sides: NF4 + double quantization (block size 64) of every linear layer but the LM head, LoRA r=16, alpha
 16 on all linear layers, gradient checkpointing (non-reentrant), lr 2e-4; batch 4 x 256 random token ids (fixed
 seed), loss on every position. A step = forward + backward + optimizer step + zero_grad.
@@ -54,15 +55,14 @@ MiB = 1 << 20
 TARGET_TIME, TARGET_RSS = 0.5, 0.5   # issue 20: ours / PEFT + bitsandbytes
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
-SIDES = ("library", "finetune", "peft-ours", "peft", "library-glibc", "peft-malloc")
+SIDES = ("library", "finetune", "peft-ours", "peft", "library-malloc", "peft-malloc")
 LABELS = {"library": "library path", "finetune": "qlora-ext finetune step", "peft-ours": "PEFT on qlora_ext",
-          "peft": "PEFT + bitsandbytes", "library-glibc": "library path, glibc's default malloc",
-          "peft-malloc": "PEFT + bitsandbytes, our malloc thresholds"}
-# the allocator variants: the same code as "library" / "peft" with glibc's malloc set differently through the
-# environment: limit_heap_retention leaves malloc alone when GLIBC_TUNABLES is set (here to a value that changes
-# nothing), and PEFT + bitsandbytes gets the thresholds limit_heap_retention sets (128 KiB, 1 MiB)
-SIDE_ENV = {"library-glibc": {"GLIBC_TUNABLES": "glibc.malloc.check=0"},
-            "peft-malloc": {"MALLOC_MMAP_THRESHOLD_": str(128 << 10), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}}
+          "peft": "PEFT + bitsandbytes", "library-malloc": "library path, limit_heap_retention's malloc",
+          "peft-malloc": "PEFT + bitsandbytes, limit_heap_retention's malloc"}
+# the allocator variants: the same code as "library" / "peft" under the malloc thresholds that
+# qlora_ext.limit_heap_retention (finetune --release-freed-memory) sets, given through the environment
+_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
+SIDE_ENV = {"library-malloc": _THRESHOLDS, "peft-malloc": _THRESHOLDS}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def _child(side, path, dropout, a):
     torch.manual_seed(0)
     build = {"library": _library, "finetune": _finetune, "peft": _peft,
              "peft-ours": lambda *args: _peft(*args, backend="qlora_ext"),
-             "library-glibc": _library, "peft-malloc": _peft}[side]
+             "library-malloc": _library, "peft-malloc": _peft}[side]
     model, step, opt_name, trainable = build(path, dtype, device, a, dropout)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(1)
@@ -375,9 +375,8 @@ def main():
         lines += ["", "Peak RSS is the kernel's high-water mark (`ru_maxrss`, loading included); peak RssAnon "
                   "(anonymous memory: excludes the checkpoint's file-backed pages) is sampled every 10 ms from "
                   "the parent, so it can miss a shorter peak; the increase during the steps is VmHWM after the "
-                  "steps minus RSS before them. Allocator: qlora_ext's sides set glibc's malloc thresholds "
-                  "(`limit_heap_retention`, called by `prepare_model_for_training`); the others use glibc's "
-                  "defaults unless their label says otherwise."]
+                  "steps minus RSS before them. Allocator: glibc's defaults, except on the sides labelled "
+                  "`limit_heap_retention`'s malloc (its thresholds, through MALLOC_*_THRESHOLD_)."]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

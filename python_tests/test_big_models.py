@@ -277,6 +277,27 @@ print(limited, (anon() - before) / 2**20)
     assert res.returncode == 0 and res.stdout.split()[0] == "False", res.stdout + res.stderr
 
 
+def test_finetune_release_freed_memory(made, tmp_path):
+    """--release-freed-memory sets limit_heap_retention's thresholds for the run (in its own process here: they
+    are process-wide), says so, records the setting and trains."""
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("limit_heap_retention only acts on glibc's malloc")
+    _, nf4 = made
+    out = tmp_path / "run"
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
+    res = subprocess.run([sys.executable, "-m", "qlora_ext", "finetune", "--model", str(nf4), "--max-steps", "1",
+                          "--batch-size", "1", "--packing", "--source-max-len", "48", "--target-max-len", "16",
+                          "--no-eval-before", "--no-eval-after", "--no-progress", "--lora-r", "4",
+                          "--release-freed-memory", "--output-dir", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "malloc: freed memory is returned to the system at once" in res.stdout + res.stderr
+    assert json.loads((out / "run_config.json").read_text())["release_freed_memory"] is True
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
 def _mapped_rss(path) -> int:
     """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
     total, inside = 0, False

@@ -199,7 +199,9 @@ def release_free_heap() -> bool:
 # larger block is freed) from its heap, and returns heap memory to the system only from the top. A CPU training
 # step allocates and frees MiB-sized activations between long-lived ones, so the freed holes stay resident:
 # LLaMA-1B, r=64, 128 tokens peaked at 2.43 GB RssAnon for 1.6 GB in use. Fixed thresholds (128 KiB: larger
-# blocks are mapped and unmapped; 1 MiB: the heap's free top is trimmed) end that.
+# blocks are mapped and unmapped; 1 MiB: the heap's free top is trimmed) end that, at a price: every large
+# block is then fresh pages, faulted in on first touch. Small models on long batches pay most (SmolLM2-135M,
+# batch 4 x 256: a training step 1.5x slower); a 33B model on 128-token rows needed it to fit in 21 GB. Opt-in.
 MMAP_THRESHOLD = 128 << 10
 TRIM_THRESHOLD = 1 << 20
 _heap_limited = None
@@ -210,8 +212,9 @@ def limit_heap_retention() -> bool:
     memory a CPU training step frees goes back to the system instead of staying resident; which also fixes
     the thresholds (glibc otherwise raises them as it goes). Process-wide, once; nothing is changed when the
     C library is not glibc or the user set MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES
-    (their choice stands). True when the thresholds are in effect. prepare_model_for_training calls it for
-    CPU models; release_free_heap, by contrast, returns what is free once."""
+    (their choice stands). True when the thresholds are in effect. `qlora-ext finetune --release-freed-memory`
+    calls it; it costs time where activations are large next to the work done on them (see above).
+    release_free_heap, by contrast, returns what is free once."""
     global _heap_limited
     if _heap_limited is None:
         _heap_limited = False

@@ -414,7 +414,6 @@ def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = 
     embedding is frozen); turns on non-reentrant gradient checkpointing (use_cache off); and, for the model
     families of qlora_ext.lm.PLAIN_HEAD_MODEL_TYPES with a float head, makes `model(..., labels=...)` compute
     its loss in chunks of the vocabulary (the full logits exist once, returned without a graph).
-    For a model on the CPU it also calls qlora_ext.limit_heap_retention (process-wide malloc thresholds).
 
     `embedding_dtype` (float32, bfloat16 or float16): where the frozen input embeddings and float output head
     are stored. float32 is PEFT's choice; a 16-bit dtype halves them (LLaMA-13B: 1.31 -> 0.66 GB) and loses
@@ -423,8 +422,6 @@ def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = 
     if embedding_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"embedding_dtype must be float32, bfloat16 or float16, got {embedding_dtype}")
     _warn_spinning_openmp(model)
-    if any(p.device.type == "cpu" for p in model.parameters()):
-        _io.limit_heap_retention()
     for p in model.parameters():
         p.requires_grad_(False)
     packed = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}

@@ -108,6 +108,10 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     n_steps = total_steps(cfg, len(plan))
     warmup = math.ceil(cfg.warmup_ratio * n_steps)
 
+    if cfg.release_freed_memory and device.type == "cpu":
+        from .._io import limit_heap_retention
+        log("malloc: freed memory is returned to the system at once" if limit_heap_retention() else
+            "malloc: --release-freed-memory has no effect (not glibc, or MALLOC_* / GLIBC_TUNABLES set)")
     torch.manual_seed(cfg.seed)
     t_load = time.time()
     wrapped, load_report = None, None

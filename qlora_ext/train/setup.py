@@ -233,6 +233,8 @@ class FinetuneConfig:
     eval_before: bool = True
     eval_after: bool = True     # False: no held-out evaluation at the end (benchmarks of big models)
     progress: bool = True
+    # glibc malloc thresholds that return freed memory at once (limit_heap_retention): a lower peak, slower steps
+    release_freed_memory: bool = False
     report_to: str = "none"     # or "tensorboard": event files in OUTPUT/tensorboard beside metrics.jsonl
     distributed: Optional[str] = None   # "ddp" / "fsdp" under torchrun; batch_size is then the global batch
 
