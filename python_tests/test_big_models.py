@@ -238,7 +238,7 @@ def test_16bit_adapters(made, tmp_path):
         layer.add_adapter("other", 4, 8, lora_dtype=torch.int8)
 
 
-def test_limit_heap_retention():
+def test_limit_heap_retention(tmp_path):
     """On glibc, limit_heap_retention fixes malloc's thresholds, so MiB-sized blocks freed between long-lived
     small ones go back to the system (glibc's default, once its threshold has grown past them, keeps them
     resident: the control); a user's own MALLOC_* setting is left alone."""
@@ -265,7 +265,9 @@ print(limited, (anon() - before) / 2**20)
 """
     out = {}
     for mode in ("default", "limit"):
-        res = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
+        # cwd away from the source tree: the installed package (with its compiled _C) must be the one imported
+        res = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120,
+                             cwd=tmp_path)
         assert res.returncode == 0, res.stderr
         limited, mib = res.stdout.split()
         out[mode] = (limited, float(mib))
@@ -273,7 +275,8 @@ print(limited, (anon() - before) / 2**20)
     assert out["default"][1] > 128, out  # the control: glibc's default keeps the freed blocks
     assert out["limit"][1] < 32, out
     env = dict(__import__("os").environ, MALLOC_TRIM_THRESHOLD_="1000000")
-    res = subprocess.run([sys.executable, "-c", code, "limit"], capture_output=True, text=True, timeout=120, env=env)
+    res = subprocess.run([sys.executable, "-c", code, "limit"], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.split()[0] == "False", res.stdout + res.stderr
 
 
@@ -291,7 +294,7 @@ def test_finetune_release_freed_memory(made, tmp_path):
                           "--batch-size", "1", "--packing", "--source-max-len", "48", "--target-max-len", "16",
                           "--no-eval-before", "--no-eval-after", "--no-progress", "--lora-r", "4",
                           "--release-freed-memory", "--output-dir", str(out)],
-                         capture_output=True, text=True, timeout=600, env=env)
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "malloc: freed memory is returned to the system at once" in res.stdout + res.stderr
     assert json.loads((out / "run_config.json").read_text())["release_freed_memory"] is True
@@ -327,12 +330,13 @@ def test_drop_mapped_pages_keeps_views_valid(tmp_path):
     if _mapped_rss(f.resolve()) == 0:
         pytest.skip("this safetensors build copies tensors instead of mapping the file")
     assert _mapped_rss(f.resolve()) >= 4 * (1 << 20) // 1024 - 8
-    # PAGEOUT is advice: a page the kernel finds busy at that moment can stay, so a few tries are allowed
+    # PAGEOUT is advice: a page the kernel cannot isolate at that moment stays (one 4 kB page of the 4 MB,
+    # now and then), so a few tries are allowed and a few pages may remain
     for _ in range(5):
         assert _io.drop_mapped_pages() >= 1
         if _mapped_rss(f.resolve()) == 0:
             break
-    assert _mapped_rss(f.resolve()) == 0
+    assert _mapped_rss(f.resolve()) <= 16
     assert torch.equal(view, w)
     view[0] = 42.0  # a private (copy-on-write) page: that mapping must be left alone
     _io.drop_mapped_pages()
