@@ -51,6 +51,8 @@ import time
 
 from _common import cpu_model, git_commit, proc_status
 
+from qlora_ext import _io
+
 MiB = 1 << 20
 TARGET_TIME, TARGET_RSS = 0.5, 0.5   # issue 20: ours / PEFT + bitsandbytes
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -61,7 +63,7 @@ LABELS = {"library": "library path", "finetune": "qlora-ext finetune step", "pef
           "peft-malloc": "PEFT + bitsandbytes, limit_heap_retention's malloc"}
 # the allocator variants: the same code as "library" / "peft" under the malloc thresholds that
 # qlora_ext.limit_heap_retention (finetune --release-freed-memory) sets, given through the environment
-_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
+_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": str(_io.MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(_io.TRIM_THRESHOLD)}
 SIDE_ENV = {"library-malloc": _THRESHOLDS, "peft-malloc": _THRESHOLDS}
 
 

@@ -148,6 +148,16 @@ _MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels refuse it (EINVAL) and nothing
 _libc = None
 
 
+def _c_library():
+    """This process's C library (ctypes, loaded once); OSError / AttributeError where there is none to load."""
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _libc = lib
+    return _libc
+
+
 def drop_mapped_pages(suffix: str = ".safetensors") -> int:
     """Reclaims the resident pages of this process's memory mappings of `suffix` files (Linux
     madvise(MADV_PAGEOUT); elsewhere nothing), returning how many mappings were advised.
@@ -157,11 +167,8 @@ def drop_mapped_pages(suffix: str = ".safetensors") -> int:
     quantized and dropped. The loaders call this as they go. PAGEOUT never loses data: clean file pages are
     dropped (a tensor still viewing the file reads them back from the file, unchanged) and privately written
     pages could only be swapped out, never discarded."""
-    global _libc
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        libc = _c_library()
         with open("/proc/self/maps") as fh:
             lines = fh.readlines()
     except (OSError, AttributeError):
@@ -171,7 +178,7 @@ def drop_mapped_pages(suffix: str = ".safetensors") -> int:
         parts = line.split(maxsplit=5)
         if len(parts) == 6 and parts[5].rstrip("\n").endswith(suffix):
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            n += _libc.madvise(lo, hi - lo, _MADV_PAGEOUT) == 0
+            n += libc.madvise(lo, hi - lo, _MADV_PAGEOUT) == 0
     return n
 
 
@@ -182,12 +189,8 @@ def release_free_heap() -> bool:
     freed) in the process's heap, where they stay resident: a loader that allocates temporaries between
     tensors it keeps (load_sharded's full-size adapters before FSDP2 shards them, float slices while it
     quantizes) would otherwise end up holding their memory as well."""
-    global _libc
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        trim = _libc.malloc_trim
+        trim = _c_library().malloc_trim
     except (OSError, AttributeError):
         return False
     trim.argtypes = (ctypes.c_size_t,)
@@ -222,7 +225,7 @@ def limit_heap_retention() -> bool:
         user = any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"))
         if platform.libc_ver()[0] == "glibc" and not user:
             try:
-                mallopt = ctypes.CDLL(None).mallopt
+                mallopt = _c_library().mallopt
             except (OSError, AttributeError):
                 return False
             M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
