@@ -195,6 +195,9 @@ def main() -> int:
             f"- command: `{info['command']}`", "", *md_table(header, [row]), ""]
     if info.get("model_ready"):
         text.insert(-1, f"- {info['model_ready']}")
+    allocator_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+    if allocator_env:
+        text.insert(-1, "- allocator environment: " + " ".join(f"{k}={v}" for k, v in sorted(allocator_env.items())))
     if est:
         text.insert(-1, "- estimate breakdown (GB): " + ", ".join(f"{k} {v / GB:.2f}" for k, v in est.items()
                                                                    if k not in ("total", "trainable")))

@@ -11,9 +11,9 @@ Sides (each run in its own fresh process, so peak memory is per process):
   BitsAndBytesConfig(...) (the drop-in switch), qlora_ext's PagedAdamW.
 - PEFT + bitsandbytes, in its best CPU configuration: float32 compute, bitsandbytes' AdamW32bit (torch's
   AdamW where that optimizer is unavailable), `prepare_model_for_kbit_training` + `get_peft_model`.
-- on request (--sides): library-malloc and peft-malloc, the library path and PEFT + bitsandbytes under the
-  malloc thresholds of qlora_ext.limit_heap_retention (finetune --release-freed-memory), set through
-  MALLOC_*_THRESHOLD_.
+- on request (--sides): library-nocache, the library path with qlora_ext's CPU block cache off
+  (`prepare_model_for_training(model, cpu_block_cache=0)`: glibc's malloc as is); peft-cache, PEFT +
+  bitsandbytes with the block cache on (`qlora_ext.cpu_block_cache()` first: what the cache does for them).
 All sides: NF4 + double quantization (block size 64) of every linear layer but the LM head, LoRA r=16, alpha
 16 on all linear layers, gradient checkpointing (non-reentrant), lr 2e-4; batch 4 x 256 random token ids (fixed
 seed), loss on every position. A step = forward + backward + optimizer step + zero_grad.
@@ -51,34 +51,30 @@ import time
 
 from _common import cpu_model, git_commit, proc_status
 
-from qlora_ext import _io
 
 MiB = 1 << 20
 TARGET_TIME, TARGET_RSS = 0.5, 0.5   # issue 20: ours / PEFT + bitsandbytes
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
-SIDES = ("library", "finetune", "peft-ours", "peft", "library-malloc", "peft-malloc")
+SIDES = ("library", "finetune", "peft-ours", "peft", "library-nocache", "peft-cache")
 LABELS = {"library": "library path", "finetune": "qlora-ext finetune step", "peft-ours": "PEFT on qlora_ext",
-          "peft": "PEFT + bitsandbytes", "library-malloc": "library path, limit_heap_retention's malloc",
-          "peft-malloc": "PEFT + bitsandbytes, limit_heap_retention's malloc"}
-# the allocator variants: the same code as "library" / "peft" under the malloc thresholds that
-# qlora_ext.limit_heap_retention (finetune --release-freed-memory) sets, given through the environment
-_THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": str(_io.MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(_io.TRIM_THRESHOLD)}
-SIDE_ENV = {"library-malloc": _THRESHOLDS, "peft-malloc": _THRESHOLDS}
+          "peft": "PEFT + bitsandbytes", "library-nocache": "library path, block cache off",
+          "peft-cache": "PEFT + bitsandbytes, qlora_ext's block cache on"}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the sides (each in a fresh process); each returns (model, step(ids) -> loss, optimizer name, trainable)
 
 
-def _library(path, dtype, device, a, dropout):
+def _library(path, dtype, device, a, dropout, cache=True):
     """Issue 20's library path, written as a user writes it."""
     import torch
     from transformers import AutoModelForCausalLM
     import qlora_ext
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qlora_ext.QLoRAConfig(compute_dtype=dtype),
                                                  dtype=dtype, device_map={"": str(device)})
-    model = qlora_ext.prepare_model_for_training(model)
+    model = qlora_ext.prepare_model_for_training(model) if cache else \
+        qlora_ext.prepare_model_for_training(model, cpu_block_cache=0)
     model = qlora_ext.add_lora(model, r=a.r, lora_alpha=16, lora_dropout=dropout)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
@@ -100,8 +96,10 @@ def _labels_step(model, opt):
 def _finetune(path, dtype, device, a, dropout):
     """What `qlora-ext finetune` runs: its loader, model preparation, optimizer and loss."""
     import torch
-    from qlora_ext import train
+    from qlora_ext import cpu_block_cache, train
     from qlora_ext.lm import token_loss
+    if device.type == "cpu":
+        cpu_block_cache(train.FinetuneConfig.cpu_block_cache_mib << 20)  # as the run sets it (train/loop.py)
     spec = train.ModelSpec(path, None)
     quant = train.QuantSettings(compute_dtype=a.dtype)
     lora = train.LoraSettings(r=a.r, alpha=16, dropout=dropout)
@@ -118,7 +116,10 @@ def _finetune(path, dtype, device, a, dropout):
     return model, step, type(opt).__module__ + "." + type(opt).__name__, sum(p.numel() for p in params)
 
 
-def _peft(path, dtype, device, a, dropout, backend="bitsandbytes"):
+def _peft(path, dtype, device, a, dropout, backend="bitsandbytes", cache=False):
+    if cache:
+        import qlora_ext
+        qlora_ext.cpu_block_cache()
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     kw = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -168,7 +169,8 @@ def _child(side, path, dropout, a):
     torch.manual_seed(0)
     build = {"library": _library, "finetune": _finetune, "peft": _peft,
              "peft-ours": lambda *args: _peft(*args, backend="qlora_ext"),
-             "library-malloc": _library, "peft-malloc": _peft}[side]
+             "library-nocache": lambda *args: _library(*args, cache=False),
+             "peft-cache": lambda *args: _peft(*args, cache=True)}[side]
     model, step, opt_name, trainable = build(path, dtype, device, a, dropout)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(1)
@@ -313,7 +315,7 @@ def main():
         for rnd in range(a.rounds):
             for d in dropouts:
                 for side in (sides if rnd % 2 == 0 else sides[::-1]):
-                    r = _run_child(me + ["--_child", side, path, str(d)], {**env, **SIDE_ENV.get(side, {})})
+                    r = _run_child(me + ["--_child", side, path, str(d)], env)
                     results[side, d].append(r)
                     print(f"round {rnd + 1}/{a.rounds} dropout {d} {side}: steps "
                           + ", ".join(f"{t:.2f}" for t in r["steps_s"]) + " s", file=sys.stderr, flush=True)
@@ -377,8 +379,8 @@ def main():
         lines += ["", "Peak RSS is the kernel's high-water mark (`ru_maxrss`, loading included); peak RssAnon "
                   "(anonymous memory: excludes the checkpoint's file-backed pages) is sampled every 10 ms from "
                   "the parent, so it can miss a shorter peak; the increase during the steps is VmHWM after the "
-                  "steps minus RSS before them. Allocator: glibc's defaults, except on the sides labelled "
-                  "`limit_heap_retention`'s malloc (its thresholds, through MALLOC_*_THRESHOLD_)."]
+                  "steps minus RSS before them. Allocator: qlora_ext's CPU block cache (256 MiB) on the library "
+                  "path, the finetune step and peft-cache; glibc's malloc alone on the other sides."]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -238,67 +238,26 @@ def test_16bit_adapters(made, tmp_path):
         layer.add_adapter("other", 4, 8, lora_dtype=torch.int8)
 
 
-def test_limit_heap_retention(tmp_path):
-    """On glibc, limit_heap_retention fixes malloc's thresholds, so MiB-sized blocks freed between long-lived
-    small ones go back to the system (glibc's default, once its threshold has grown past them, keeps them
-    resident: the control); a user's own MALLOC_* setting is left alone."""
-    import platform
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("limit_heap_retention only acts on glibc's malloc")
-    code = r"""
-import sys, torch, qlora_ext
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-limited = qlora_ext.limit_heap_retention() if sys.argv[1] == "limit" else None
-t = torch.ones(16 << 18)  # a freed 16 MiB block: glibc's default threshold grows past 1 MiB blocks
-del t
-before = anon()
-big, keep = [], []
-for i in range(256):
-    big.append(torch.ones(1 << 18))  # 1 MiB, touched
-    keep.append(torch.ones(1 << 12))  # 16 KiB, long-lived, between them (too big for the small holes the
-                                      # imports left, so it is really placed between the big ones)
-del big
-print(limited, (anon() - before) / 2**20)
-"""
-    out = {}
-    for mode in ("default", "limit"):
-        # cwd away from the source tree: the installed package (with its compiled _C) must be the one imported
-        res = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120,
-                             cwd=tmp_path)
-        assert res.returncode == 0, res.stderr
-        limited, mib = res.stdout.split()
-        out[mode] = (limited, float(mib))
-    assert out["limit"][0] == "True"
-    assert out["default"][1] > 128, out  # the control: glibc's default keeps the freed blocks
-    assert out["limit"][1] < 32, out
-    env = dict(__import__("os").environ, MALLOC_TRIM_THRESHOLD_="1000000")
-    res = subprocess.run([sys.executable, "-c", code, "limit"], capture_output=True, text=True, timeout=120, env=env,
-                         cwd=tmp_path)
-    assert res.returncode == 0 and res.stdout.split()[0] == "False", res.stdout + res.stderr
-
-
-def test_finetune_release_freed_memory(made, tmp_path):
-    """--release-freed-memory sets limit_heap_retention's thresholds for the run (in its own process here: they
-    are process-wide), says so, records the setting and trains."""
-    import platform
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("limit_heap_retention only acts on glibc's malloc")
+def test_finetune_cpu_block_cache(made, tmp_path):
+    """finetune turns the CPU block cache on with --cpu-block-cache-mib (default 256) or off with 0, says so,
+    records the setting and trains; a negative size is refused before any work."""
     _, nf4 = made
-    out = tmp_path / "run"
-    env = {k: v for k, v in __import__("os").environ.items()
-           if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
-    res = subprocess.run([sys.executable, "-m", "qlora_ext", "finetune", "--model", str(nf4), "--max-steps", "1",
-                          "--batch-size", "1", "--packing", "--source-max-len", "48", "--target-max-len", "16",
-                          "--no-eval-before", "--no-eval-after", "--no-progress", "--lora-r", "4",
-                          "--release-freed-memory", "--output-dir", str(out)],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "malloc: freed memory is returned to the system at once" in res.stdout + res.stderr
-    assert json.loads((out / "run_config.json").read_text())["release_freed_memory"] is True
-    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    args = [sys.executable, "-m", "qlora_ext", "finetune", "--model", str(nf4), "--max-steps", "1", "--batch-size",
+            "1", "--packing", "--source-max-len", "48", "--target-max-len", "16", "--no-eval-before",
+            "--no-eval-after", "--no-progress", "--lora-r", "4"]
+    for mib, said in ((None, "CPU block cache: up to 256 MiB"), (0, "CPU block cache: off"),
+                      (32, "CPU block cache: up to 32 MiB")):
+        out = tmp_path / f"run{mib}"
+        extra = [] if mib is None else ["--cpu-block-cache-mib", str(mib)]
+        res = subprocess.run(args + extra + ["--output-dir", str(out)], capture_output=True, text=True,
+                             timeout=600, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert said in res.stdout + res.stderr
+        assert json.loads((out / "run_config.json").read_text())["cpu_block_cache_mib"] == (256 if mib is None else mib)
+        assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    res = subprocess.run(args + ["--cpu-block-cache-mib", "-1", "--output-dir", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode != 0 and "--cpu-block-cache-mib must be >= 0" in res.stderr, res.stderr[-1000:]
 
 
 def _mapped_rss(path) -> int:

@@ -57,7 +57,20 @@ def test_gemv_every_isa_against_reference(isa, tmp_path):
     assert not res["bad"], res["bad"]
 
 
-def test_large_output_is_an_ordinary_tensor():
+@pytest.mark.parametrize("cache", [False, True])
+def test_large_output_is_an_ordinary_tensor(cache):
+    """A large output (from a 2 MiB-aligned mapping, whether the CPU block cache is on or not) behaves as any
+    tensor: contents, resize through its allocator, release."""
+    from qlora_ext import _io
+    was = _io.cpu_block_cache_stats()["on"]
+    _io.cpu_block_cache(_io.CPU_BLOCK_CACHE_BYTES if cache else 0)
+    try:
+        _large_output_checks()
+    finally:
+        _io.cpu_block_cache(_io.CPU_BLOCK_CACHE_BYTES if was else 0)
+
+
+def _large_output_checks():
     w = torch.randn(4096, 2049) * 0.02  # 32 MiB + 16 KiB of float32: above the huge-page threshold
     packed, state = F.quantize_4bit(w, 64, "nf4", True)
     ref = torch.empty(4096, 2049)

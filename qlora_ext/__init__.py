@@ -16,7 +16,7 @@ from ._ops import cpu_isa, with_cuda
 from .adapters import add_lora, load_adapter, print_trainable_parameters, save_adapter, set_adapter
 from .config import QLoRAConfig
 from .functional import QuantState, dequantize_4bit, matmul_4bit, quantize_4bit
-from ._io import limit_heap_retention
+from ._io import cpu_block_cache, cpu_block_cache_stats
 from .model import (export_merged, load_quantized, memory_report, merge_lora, prepare_model_for_training,
                     quantize_model, save_quantized)
 from .nn import Linear4bit, LoraLinear4bit
@@ -34,4 +34,4 @@ def __getattr__(name):
 __all__ = ["functional", "nn", "optim", "reference", "QuantState", "quantize_4bit", "dequantize_4bit",
            "matmul_4bit", "cpu_isa", "with_cuda", "QLoRAConfig", "Linear4bit", "LoraLinear4bit", "quantize_model",
            "load_quantized", "save_quantized", "prepare_model_for_training", "merge_lora", "export_merged",
-           "memory_report", "limit_heap_retention", "add_lora", "set_adapter", "print_trainable_parameters", "save_adapter", "load_adapter"]
+           "memory_report", "cpu_block_cache", "cpu_block_cache_stats", "add_lora", "set_adapter", "print_trainable_parameters", "save_adapter", "load_adapter"]

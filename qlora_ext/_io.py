@@ -11,7 +11,7 @@ import os
 import struct
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
@@ -198,37 +198,42 @@ def release_free_heap() -> bool:
     return True
 
 
-# glibc's malloc, left alone, serves every request under a threshold that grows up to 32 MiB (after the first
-# larger block is freed) from its heap, and returns heap memory to the system only from the top. A CPU training
-# step allocates and frees MiB-sized activations between long-lived ones, so the freed holes stay resident:
-# LLaMA-1B, r=64, 128 tokens peaked at 2.43 GB RssAnon for 1.6 GB in use. Fixed thresholds (128 KiB: larger
-# blocks are mapped and unmapped; 1 MiB: the heap's free top is trimmed) end that, at a price: every large
-# block is then fresh pages, faulted in on first touch. Small models on long batches pay most (SmolLM2-135M,
-# batch 4 x 256: a training step 1.5x slower); a 33B model on 128-token rows needed it to fit in 21 GB. Opt-in.
-MMAP_THRESHOLD = 128 << 10
-TRIM_THRESHOLD = 1 << 20
-_heap_limited = None
+# Torch's CPU tensors come from glibc's malloc, which, left alone, serves every request under a threshold that
+# grows up to 32 MiB (after the first larger block is freed) from its heap and returns heap memory to the system
+# only from the top. A CPU training step allocates and frees MiB-sized activations between long-lived ones, so
+# the freed holes stay resident: SmolLM2-135M, batch 4 x 256, peaked 1.5 GB above the loaded model for ~0.45 GB
+# in use. Mapping every large block on its own (malloc's thresholds fixed at 128 KiB) ends that, but then each
+# block is fresh pages, faulted in on first touch: the step took 1.5x as long. The block cache (C++,
+# csrc/torch/large_alloc.cpp) does both: blocks of at least `min_bytes` are mappings of their own, kept after
+# use for the next tensor that fits one with at most 1/8 to spare, up to `limit_bytes` of them and never more
+# than keeps blocks in use + cached under the most ever in use at once (so the cache does not raise the peak).
+CPU_BLOCK_CACHE_BYTES = 256 << 20
+CPU_BLOCK_MIN_BYTES = 128 << 10
 
 
-def limit_heap_retention() -> bool:
-    """Sets glibc's malloc thresholds (mallopt M_MMAP_THRESHOLD = 128 KiB, M_TRIM_THRESHOLD = 1 MiB) so that
-    memory a CPU training step frees goes back to the system instead of staying resident; which also fixes
-    the thresholds (glibc otherwise raises them as it goes). Process-wide, once; nothing is changed when the
-    C library is not glibc or the user set MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES
-    (their choice stands). True when the thresholds are in effect. `qlora-ext finetune --release-freed-memory`
-    calls it; it costs time where activations are large next to the work done on them (see above).
-    release_free_heap, by contrast, returns what is free once."""
-    global _heap_limited
-    if _heap_limited is None:
-        _heap_limited = False
-        import platform
-        user = any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"))
-        if platform.libc_ver()[0] == "glibc" and not user:
-            try:
-                mallopt = _c_library().mallopt
-            except (OSError, AttributeError):
-                return False
-            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-            _heap_limited = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-                mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    return _heap_limited
+def cpu_block_cache(limit_bytes: Optional[int] = CPU_BLOCK_CACHE_BYTES,
+                    min_bytes: int = CPU_BLOCK_MIN_BYTES) -> Dict[str, int]:
+    """Turns torch's CPU block cache on (limit_bytes > 0) or off (0 or None). When on, CPU tensors of at
+    least `min_bytes` are separate mappings, kept after they are freed and reused for the next tensor that
+    fits one with at most 1/8 to spare: a training step's activations then neither stay resident as holes in
+    malloc's heap nor fault fresh pages in on every step. Cached blocks are at most `limit_bytes`, and at most
+    what keeps blocks in use + cached under the high-water mark of blocks in use (the oldest go first), so
+    the cache never raises the peak above what unmapping every freed block would give. Process-wide
+    (it replaces torch's CPU allocator; smaller tensors still come from malloc). Off: the cached blocks are
+    returned to the system, and blocks freed later too. prepare_model_for_training turns it on for CPU
+    models; `qlora-ext finetune --cpu-block-cache-mib` sets it for a run. Returns cpu_block_cache_stats()."""
+    limit = 0 if limit_bytes is None else int(limit_bytes)
+    if limit < 0 or int(min_bytes) < 0:
+        raise ValueError(f"cpu_block_cache: limit_bytes and min_bytes must be >= 0, got {limit_bytes} and "
+                         f"{min_bytes}")
+    from . import _C
+    _C.cpu_block_cache(limit > 0, limit, int(min_bytes))
+    return cpu_block_cache_stats()
+
+
+def cpu_block_cache_stats() -> Dict[str, int]:
+    """The block cache's state: on, live_bytes (blocks in use), cached_bytes (kept for reuse), peak_live_bytes,
+    reuses and mappings (blocks served from the cache / newly mapped, since the process started)."""
+    from . import _C
+    keys = ("on", "live_bytes", "cached_bytes", "peak_live_bytes", "reuses", "mappings")
+    return dict(zip(keys, _C.cpu_block_cache_stats()))

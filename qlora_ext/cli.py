@@ -149,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--eval-after", default=True, action=argparse.BooleanOptionalAction,
          help="evaluate the trained model at the end (--no-eval-after: skip it, e.g. when timing a big model)")
     _add(g, "--progress", default=True, action=argparse.BooleanOptionalAction)
-    _add(g, "--release-freed-memory", default=False, action=argparse.BooleanOptionalAction,
-         help="CPU: glibc's malloc returns freed memory to the system at once (qlora_ext.limit_heap_retention) "
-              "instead of keeping freed activations resident: a lower peak (needed for LLaMA-33B in 21 GB), "
-              "but steps slow down where activations are large next to the model (SmolLM2, batch 4 x 256: 1.5x)")
+    _add(g, "--cpu-block-cache-mib", type=int, default=256,
+         help="CPU: tensors of 128 KiB or more are mappings of their own, and up to this many MiB of freed ones "
+              "are kept for reuse (qlora_ext.cpu_block_cache), instead of staying resident as holes in malloc's "
+              "heap (SmolLM2, batch 4 x 256: peak RSS halved, no slower); 0: off")
     _add(g, "--report-to", default="none", choices=("none", "tensorboard"),
          help="tensorboard: also TensorBoard event files in OUTPUT/tensorboard")
     g = ft.add_argument_group("distributed (start with torchrun --nproc-per-node N -m qlora_ext finetune ...)")

@@ -405,7 +405,8 @@ def _cast_input_to_weight(module, args):
 
 
 def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = True,
-                               embedding_dtype: torch.dtype = torch.float32) -> nn.Module:
+                               embedding_dtype: torch.dtype = torch.float32,
+                               cpu_block_cache: Optional[int] = _io.CPU_BLOCK_CACHE_BYTES) -> nn.Module:
     """Readies a 4-bit model for LoRA training, in place: freezes every base parameter (active LoRA adapters
     stay trainable); puts every float parameter that is not a packed 4-bit weight in float32 (norms, whose
     statistics need it, and with them embeddings and float heads, which then receive float32 activations,
@@ -418,10 +419,17 @@ def prepare_model_for_training(model: nn.Module, gradient_checkpointing: bool = 
     `embedding_dtype` (float32, bfloat16 or float16): where the frozen input embeddings and float output head
     are stored. float32 is PEFT's choice; a 16-bit dtype halves them (LLaMA-13B: 1.31 -> 0.66 GB) and loses
     nothing of a 16-bit checkpoint's values; the head then computes the logits in that dtype (its input is cast
-    to it), and the embeddings' 16-bit output meets the float32 norms of the first block."""
+    to it), and the embeddings' 16-bit output meets the float32 norms of the first block.
+
+    `cpu_block_cache`: for a model on CPU, the limit in bytes given to qlora_ext.cpu_block_cache, which keeps
+    a step's freed activations for reuse instead of leaving them resident in malloc's heap (SmolLM2-135M,
+    batch 4 x 256: peak RSS 1.0 against 2.0 GB, no slower); 0 turns the cache off, None leaves it as it is.
+    The cache is process-wide."""
     if embedding_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"embedding_dtype must be float32, bfloat16 or float16, got {embedding_dtype}")
     _warn_spinning_openmp(model)
+    if cpu_block_cache is not None and any(p.device.type == "cpu" for p in model.parameters()):
+        _io.cpu_block_cache(cpu_block_cache)
     for p in model.parameters():
         p.requires_grad_(False)
     packed = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}

@@ -84,6 +84,10 @@ inline int64_t checked_numel(at::IntArrayRef shape) {
 constexpr size_t kLargeOutputBytes = size_t(32) << 20;
 at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& opts);
 
+// Torch's CPU allocator with a cache of mapped blocks (large_alloc.cpp).
+void cpu_block_cache(bool on, int64_t limit_bytes, int64_t min_bytes);
+std::vector<int64_t> cpu_block_cache_stats();
+
 struct WeightArgs {
   at::Tensor packed;  // viewed as bytes
   qx::AbsmaxView view;

@@ -231,6 +231,9 @@ const bool g_backend_installed = (qx::set_parallel_backend(torch_parallel_for), 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "qlora_ext native kernels (ops are registered under torch.ops.qlora_ext)";
+  mod.def("cpu_block_cache", &qx_torch::cpu_block_cache, "turn torch's CPU block cache on or off");
+  mod.def("cpu_block_cache_stats", &qx_torch::cpu_block_cache_stats,
+          "[on, live bytes, cached bytes, peak live bytes, reuses, new mappings]");
   mod.def("cpu_isa", [] { return std::string(qx::cpu_isa()); }, "instruction set the CPU kernels use");
 #ifdef QX_WITH_CUDA
   mod.attr("with_cuda") = true;

@@ -108,10 +108,9 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     n_steps = total_steps(cfg, len(plan))
     warmup = math.ceil(cfg.warmup_ratio * n_steps)
 
-    if cfg.release_freed_memory and device.type == "cpu":
-        from .._io import limit_heap_retention
-        log("malloc: freed memory is returned to the system at once" if limit_heap_retention() else
-            "malloc: --release-freed-memory has no effect (not glibc, or MALLOC_* / GLIBC_TUNABLES set)")
+    if device.type == "cpu":
+        from .._io import cpu_block_cache
+        cpu_block_cache(cfg.cpu_block_cache_mib << 20)  # before loading: its temporaries are reused too
     torch.manual_seed(cfg.seed)
     t_load = time.time()
     wrapped, load_report = None, None
@@ -144,6 +143,9 @@ def _finetune(cfg: FinetuneConfig, resume, overwrite, ctx) -> Optional[Dict]:
     log(f"qlora-ext finetune: {spec.label} on {where}, {len(train_ex)} train / {len(eval_ex)} eval examples"
         f"{f' packed into {len(rows)} rows' if cfg.packing else ''}, {n_steps} steps of {cfg.batch_size} x "
         f"{cfg.grad_accum} sequences -> {out}")
+    if device.type == "cpu":
+        log(f"CPU block cache: up to {cfg.cpu_block_cache_mib} MiB of freed tensors kept for reuse"
+            if cfg.cpu_block_cache_mib else "CPU block cache: off")
 
     if load_report is not None:
         log(f"loaded for FSDP2: {load_report['path']}" + (

@@ -133,7 +133,8 @@ def _ready_for_training(model, quant: QuantSettings, lora: LoraSettings, gradien
                         resume_adapter: Optional[pathlib.Path]):
     """What a run does to its 4-bit base before training: prepare_model_for_training, then the LoRA adapter."""
     model = api("prepare_model_for_training")(model, gradient_checkpointing=gradient_checkpointing,
-                                              embedding_dtype=getattr(torch, quant.embedding_dtype))
+                                              embedding_dtype=getattr(torch, quant.embedding_dtype),
+                                              cpu_block_cache=None)  # the run sets it (loop.py)
     if resume_adapter is not None:
         return api("load_adapter")(model, str(resume_adapter), adapter_name="default",
                                    lora_dtype=getattr(torch, lora.dtype))

@@ -233,8 +233,7 @@ class FinetuneConfig:
     eval_before: bool = True
     eval_after: bool = True     # False: no held-out evaluation at the end (benchmarks of big models)
     progress: bool = True
-    # glibc malloc thresholds that return freed memory at once (limit_heap_retention): a lower peak, slower steps
-    release_freed_memory: bool = False
+    cpu_block_cache_mib: int = 256   # qlora_ext.cpu_block_cache's limit on CPU (0: off, malloc's heap as is)
     report_to: str = "none"     # or "tensorboard": event files in OUTPUT/tensorboard beside metrics.jsonl
     distributed: Optional[str] = None   # "ddp" / "fsdp" under torchrun; batch_size is then the global batch
 
@@ -302,7 +301,7 @@ def validate(cfg: FinetuneConfig):
     for name in ("batch_size", "grad_accum", "source_max_len", "target_max_len", "eval_batch_size",
                  "save_steps", "logging_steps"):
         number(name, getattr(cfg, name), integer=True)
-    for name in ("eval_samples", "save_total_limit", "eval_steps"):
+    for name in ("eval_samples", "save_total_limit", "eval_steps", "cpu_block_cache_mib"):
         number(name, getattr(cfg, name), zero_ok=True, integer=True)
     for name in ("weight_decay", "max_grad_norm"):
         number(name, getattr(cfg, name), zero_ok=True)
