@@ -110,34 +110,26 @@ class BlockCache final : public c10::Allocator {
       if (it != free_.end() && it->first <= len + len / 8) {
         b = it->second;
         uncache_locked(b);
+        ++hits_;
+        use_locked(b);
       } else {
         // a new mapping: first make room under the high-water mark (it rises only if in use does)
-        const size_t bound = std::max(peak_live_, live_ + len);
-        while (live_ + cached_ + len > bound && !lru_.empty()) {
-          Block* old = lru_.front();
-          uncache_locked(old);
-          drop.push_back(old);
-        }
+        evict_locked(std::max(peak_live_, live_ + len) - live_ - len, drop);
       }
     }
     for (Block* d : drop) destroy(d);
-    const bool reused = b != nullptr;
-    if (!reused) {
+    if (b == nullptr) {
       const bool huge = unit == kHuge;
       void* p = map_bytes(len, huge);
       if (p == nullptr) {  // the system is short: give back every cached block and try once more
-        flush();
+        evict(0);
         p = map_bytes(len, huge);
       }
       QX_CHECK(p != nullptr, "could not map ", nbytes, " bytes for a CPU tensor (out of memory?)");
       b = new Block{p, len, {}, {}};
-    }
-    {
       std::lock_guard<std::mutex> g(mu_);
-      in_use_[b->p] = b;
-      live_ += b->len;
-      peak_live_ = std::max(peak_live_, live_);
-      ++(reused ? hits_ : maps_);
+      ++maps_;
+      use_locked(b);
     }
     // context == data pointer, as raw_allocate requires (some kernels take scratch memory that way)
     return {b->p, b->p, &BlockCache::release, c10::Device(c10::DeviceType::CPU)};
@@ -147,15 +139,13 @@ class BlockCache final : public c10::Allocator {
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
   void configure(bool on, size_t limit, size_t min_bytes) {
-    std::vector<Block*> drop;
     {
       std::lock_guard<std::mutex> g(mu_);
       limit_ = limit;
       min_bytes_ = std::max<size_t>(min_bytes, 1);
       enabled_ = on;
-      evict_locked(on ? limit_ : 0, drop);
     }
-    for (Block* b : drop) destroy(b);
+    evict(on ? limit : 0);
     if (on && !installed_) {
       c10::SetCPUAllocator(this, /*priority=*/1);
       installed_ = true;
@@ -164,11 +154,12 @@ class BlockCache final : public c10::Allocator {
 
   bool on() const { return enabled_.load(std::memory_order_relaxed); }
 
-  void flush() {
+  // Cached blocks out, oldest first, until at most `limit` bytes stay cached.
+  void evict(size_t limit) {
     std::vector<Block*> drop;
     {
       std::lock_guard<std::mutex> g(mu_);
-      evict_locked(0, drop);
+      evict_locked(limit, drop);
     }
     for (Block* b : drop) destroy(b);
   }
@@ -212,13 +203,18 @@ class BlockCache final : public c10::Allocator {
     for (Block* d : drop) destroy(d);
   }
 
+  void use_locked(Block* b) {
+    in_use_[b->p] = b;
+    live_ += b->len;
+    peak_live_ = std::max(peak_live_, live_);
+  }
+
   void uncache_locked(Block* b) {
     free_.erase(b->pos);
     lru_.erase(b->lru);
     cached_ -= b->len;
   }
 
-  // Oldest cached blocks out until at most `limit` bytes stay cached.
   void evict_locked(size_t limit, std::vector<Block*>& drop) {
     while (cached_ > limit && !lru_.empty()) {
       Block* b = lru_.front();
