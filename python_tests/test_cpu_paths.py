@@ -39,21 +39,73 @@ print(json.dumps({"isa": _C.cpu_isa(), "bad": bad}))
 """
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "native"])
-def test_gemv_every_isa_against_reference(isa, tmp_path):
-    native = _C.cpu_isa()
-    if isa == "avx2" and native == "scalar":
-        pytest.skip("this CPU has no AVX2 (the scalar case covers it)")
+def _run_check(script, tmp_path, **env_set):
+    """Runs a check script in a fresh interpreter (the CPU settings are read once per process) with these
+    QLORA_EXT_* variables (None: unset); returns its last line of JSON."""
     env = dict(os.environ)
-    env.pop("QLORA_EXT_CPU_ISA", None)
-    if isa != "native":
-        env["QLORA_EXT_CPU_ISA"] = isa
+    for k in ("QLORA_EXT_CPU_ISA", "QLORA_EXT_CPU_BF16_GEMM"):
+        env.pop(k, None)
+    env.update({k: v for k, v in env_set.items() if v is not None})
     # cwd outside the repository: `python -c` puts the cwd first on sys.path, and the source tree has no _C
-    out = subprocess.run([sys.executable, "-c", _GEMV_CHECK], env=env, capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_RANK = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "native"])
+def test_gemv_every_isa_against_reference(isa, tmp_path):
+    native = _C.cpu_isa()
+    if isa != "native" and _RANK[isa] > _RANK[native]:
+        pytest.skip(f"this CPU's kernels run {native}: the {isa} path cannot run here")
+    res = _run_check(_GEMV_CHECK, tmp_path, QLORA_EXT_CPU_ISA=None if isa == "native" else isa)
     assert res["isa"] == (native if isa == "native" else isa)
+    assert not res["bad"], res["bad"]
+
+
+_BF16_CHECK = r"""
+import json, torch
+from qlora_ext import functional as F
+from qlora_ext._ops import _C
+bad = []
+g = torch.Generator().manual_seed(11)
+# M above the fused GEMV's rows (dequantized tiles + the platform GEMM); N < 2K and N >= 2K (the float32
+# backward's two tile shapes)
+for N, K, bs, qt in [(200, 320, 64, "nf4"), (1300, 192, 32, "fp4"), (77, 640, 128, "nf4")]:
+    w = torch.randn(N, K, generator=g) * 0.05
+    packed, state = F.quantize_4bit(w, bs, qt, True)
+    W = F.dequantize_4bit(packed, state).double()
+    Wb = W.to(torch.bfloat16)
+    for M in (33, 100):
+        x = torch.randn(M, K, generator=g).to(torch.bfloat16).requires_grad_()
+        gy = torch.randn(M, N, generator=g).to(torch.bfloat16)
+        y = F.matmul_4bit(x, packed, state)
+        y.backward(gy)
+        for name, got, ref, lin in (("forward", y, x.detach().double() @ W.t(), torch.nn.functional.linear(x.detach(), Wb)),
+                                    ("backward", x.grad, gy.double() @ W, gy @ Wb)):
+            e = (got.double() - ref).abs().max().item()
+            el = (lin.double() - ref).abs().max().item()
+            if got.dtype != torch.bfloat16 or not e <= 2 * el:
+                bad.append(f"{name} M={M} N={N} K={K} {qt}: {got.dtype} error {e:.3g} vs F.linear in bfloat16 {el:.3g}")
+print(json.dumps({"bf16_gemm": _C.cpu_bf16_gemm(), "isa": _C.cpu_isa(), "bad": bad}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["widened", "bf16_gemm_forced", "native"])
+def test_bfloat16_matmul_every_path_against_reference(mode, tmp_path):
+    """bfloat16 x through the large-M path, forward and backward, within 2x F.linear's bfloat16 error against a
+    float64 reference: widened to float32 (QLORA_EXT_CPU_BF16_GEMM=0; AVX2's path), bfloat16 tiles and torch's
+    bfloat16 GEMM forced on (=1; where the CPU has no AVX512-BF16 that GEMM runs in software), and the machine's
+    own choice."""
+    native_bf16 = _C.cpu_isa() == "avx512bf16"
+    if mode == "native" and not native_bf16:
+        pytest.skip("this CPU has no AVX512-BF16: its bfloat16 GEMM ran only forced (bf16_gemm_forced), in software")
+    flag = {"widened": "0", "bf16_gemm_forced": "1", "native": None}[mode]
+    res = _run_check(_BF16_CHECK, tmp_path, QLORA_EXT_CPU_BF16_GEMM=flag)
+    assert res["bf16_gemm"] == (mode != "widened")
     assert not res["bad"], res["bad"]
 
 

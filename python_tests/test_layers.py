@@ -139,6 +139,31 @@ def test_lora_forward_and_gradients_match_float64_plain_lora():
     _close(layer.lora_B["default"].weight.grad, b.grad, 1e-5)
 
 
+def test_16bit_lora_products_on_cpu_are_widened_unless_it_multiplies_bfloat16():
+    """Without AVX512-BF16 torch's 16-bit CPU GEMMs are many times slower than float32: the LoRA products of 16-bit
+    activations and adapters run in float32 there (as the 4-bit matmul widens its inputs), results and gradients
+    returned in the 16-bit dtypes; with it, bfloat16 stays bfloat16."""
+    from qlora_ext import nn as qnn
+    cpu, native = torch.device("cpu"), qnn._CPU_BF16_GEMM
+    assert qnn._lora_compute_dtype(torch.bfloat16, cpu) == (torch.bfloat16 if native else torch.float32)
+    assert qnn._lora_compute_dtype(torch.float16, cpu) == torch.float32
+    assert qnn._lora_compute_dtype(torch.float32, cpu) == torch.float32
+    assert qnn._lora_compute_dtype(torch.float64, cpu) == torch.float64
+    torch.manual_seed(6)
+    base = Linear4bit.from_linear(nn.Linear(96, 40), compute_dtype=torch.bfloat16)
+    layer = LoraLinear4bit.from_linear4bit(base, r=4, lora_alpha=8, lora_dropout=0.0, lora_dtype=torch.bfloat16)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(3, 11, 96).bfloat16().requires_grad_()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    a, b = (layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double())
+    xd = x.detach().double()
+    ref = xd @ _ref_weight(layer).T + layer.bias.detach().double() + 2.0 * (xd @ a.T) @ b.T
+    assert (y.double() - ref).abs().max() <= 4 * 2 ** -8 * ref.abs().max()  # bfloat16 rounding, not more
+
+
 def test_rslora_scaling_and_kaiming_init():
     torch.manual_seed(5)
     layer = LoraLinear4bit.from_linear4bit(Linear4bit.from_linear(nn.Linear(256, 64)), r=16, lora_alpha=8,

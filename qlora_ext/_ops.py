@@ -76,7 +76,9 @@ def _dequantize_8bit_fake(A, absmax, code, blocksize, dtype):
 
 
 def cpu_isa() -> str:
-    """The instruction set the CPU kernels chose at run time: 'avx512', 'avx2' or 'scalar'."""
+    """The instruction set the CPU kernels chose at run time: 'avx512bf16' (AVX-512 with AVX512-BF16: the 4-bit
+    matmul multiplies bfloat16 inputs in bfloat16), 'avx512', 'avx2' or 'scalar'. QLORA_EXT_CPU_ISA=scalar|avx2|
+    avx512 caps it; QLORA_EXT_CPU_BF16_GEMM=0|1 turns the bfloat16 GEMM off or on (read once per process)."""
     return _C.cpu_isa()
 
 

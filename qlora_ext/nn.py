@@ -13,6 +13,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ._ops import _C
 from .functional import QuantState, dequantize_4bit, matmul_4bit, quantize_4bit
 
 __all__ = ["Linear4bit", "LoraLinear4bit", "LoraDropout"]
@@ -227,6 +228,19 @@ def check_lora_args(r, lora_alpha, lora_dropout, use_rslora=False) -> None:
         raise ValueError(f"use_rslora must be a bool, got {use_rslora!r}")
 
 
+_CPU_BF16_GEMM = bool(_C.cpu_bf16_gemm())  # fixed for the process (the C++ side reads its settings once)
+
+
+def _lora_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the LoRA products: on CPU, 16-bit ones are widened to float32 (as the 4-bit matmul widens its
+    inputs) unless the CPU multiplies bfloat16 natively (AVX512-BF16, `_C.cpu_bf16_gemm()`): without it torch's
+    16-bit CPU GEMMs are many times slower than float32."""
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and \
+            not (dtype == torch.bfloat16 and _CPU_BF16_GEMM):
+        return torch.float32
+    return dtype
+
+
 class LoraLinear4bit(Linear4bit):
     """Linear4bit plus LoRA adapters: y = W4 x + b + scaling * B(A(dropout(x))) for the active adapter.
 
@@ -326,7 +340,7 @@ class LoraLinear4bit(Linear4bit):
         # in the wider of x's and the adapter's dtypes: 16-bit adapters (lora_dtype) under float32 activations
         # are a storage format, widened here (their gradients come back in their own dtype)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        cd = torch.promote_types(x.dtype, a.dtype)
+        cd = _lora_compute_dtype(torch.promote_types(x.dtype, a.dtype), x.device)
         a, b = a.to(cd), b.to(cd)
         xa = self.lora_dropout[name](x.to(cd)) @ a.t()
         # y + scaling * xa @ B^T as one GEMM accumulating into y (beta = 1): no separate [M, N] LoRA output,

@@ -46,8 +46,14 @@ uint8_t quantize_nearest8(const float* code256, float normed);
 // Number of worker threads the CPU kernels may use (the torch layer forwards torch.get_num_threads()).
 void cpu_set_num_threads(int n);
 int cpu_num_threads();
-// "avx512", "avx2" or "scalar": the instruction set the CPU kernels picked at run time.
+// "avx512bf16", "avx512", "avx2" or "scalar": the instruction set the CPU kernels picked at run time
+// (QLORA_EXT_CPU_ISA=scalar|avx2|avx512 caps it).
 const char* cpu_isa();
+// Whether the 4-bit matmul multiplies bfloat16 inputs in bfloat16 (dequantized bfloat16 tiles and the platform's
+// bfloat16 GEMM, float32 accumulation) rather than widening them to float32: where the CPU has AVX512-BF16
+// (vdpbf16ps) and the cap allows it. QLORA_EXT_CPU_BF16_GEMM=0 turns it off, =1 on even without the instruction
+// (torch's bfloat16 GEMM then runs without it, many times slower than float32: for tests). Read once.
+bool cpu_bf16_gemm();
 
 // out: packed [(n + 1) / 2] bytes, element 2j in the high nibble; absmax: [ceil(n / blocksize)].
 // Returns kNonFinite (after writing everything) if A holds NaN or Inf.

@@ -245,7 +245,8 @@ Isa detect_isa() {
 }
 Isa isa() {
   static const Isa v = [] {
-    // QLORA_EXT_CPU_ISA=scalar|avx2 caps the choice (tests use it to cover every path on one machine).
+    // QLORA_EXT_CPU_ISA=scalar|avx2|avx512 caps the choice (tests use it to cover every path on one machine;
+    // avx512 keeps AVX-512 and turns off the bfloat16 GEMM, cpu_bf16_gemm).
     Isa best = detect_isa();
     if (const char* cap = std::getenv("QLORA_EXT_CPU_ISA")) {
       if (!std::strcmp(cap, "scalar")) return Isa::kScalar;
@@ -339,9 +340,24 @@ uint8_t quantize_grid8(const float* code, float normed) {
 
 void cpu_set_num_threads(int n) { set_num_threads(n); }
 int cpu_num_threads() { return num_threads(); }
+// AVX512-BF16 present and not capped away (QLORA_EXT_CPU_ISA below avx512bf16).
+static bool bf16_dot() {
+  static const bool v = [] {
+    const char* cap = std::getenv("QLORA_EXT_CPU_ISA");
+    return isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16") && (!cap || !std::strcmp(cap, "avx512bf16"));
+  }();
+  return v;
+}
+bool cpu_bf16_gemm() {
+  static const bool v = [] {
+    const char* f = std::getenv("QLORA_EXT_CPU_BF16_GEMM");
+    return f && (!std::strcmp(f, "0") || !std::strcmp(f, "1")) ? f[0] == '1' : bf16_dot();
+  }();
+  return v;
+}
 const char* cpu_isa() {
   switch (isa()) {
-    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512: return bf16_dot() && cpu_bf16_gemm() ? "avx512bf16" : "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
   }

@@ -9,8 +9,8 @@ namespace {
 
 using namespace qx_torch;
 
-// Rows of W dequantized per tile on CPU: ~8 MiB of float32 keeps the GEMM efficient (few passes over x)
-// while the float weight never exists whole.
+// Rows of W dequantized per tile on CPU: ~8 MiB (of float32; half that in bfloat16) keeps the GEMM efficient
+// (few passes over x) while the float weight never exists whole.
 int64_t tile_rows(int64_t N, int64_t K) {
   int64_t rows = (int64_t(8) << 20) / (4 * K);
   rows = std::max<int64_t>(16, rows - rows % 16);
@@ -20,13 +20,21 @@ int64_t tile_rows(int64_t N, int64_t K) {
 // The float32 scratch for those tiles: one buffer per calling thread, grown as needed and kept (~8 MiB), so a
 // training step's thousands of tiles neither fault fresh pages in on every call nor leave the freed tiles
 // between long-lived activations, where they fragment glibc's heap and stay resident.
-at::Tensor tile_scratch(int64_t numel) {
-  thread_local at::Tensor buf;
-  if (!buf.defined() || buf.numel() < numel) {
+at::Tensor tile_scratch(int64_t numel, at::ScalarType dtype = at::kFloat) {
+  thread_local at::Tensor buf;  // float32 words
+  const int64_t words = (numel * int64_t(c10::elementSize(dtype)) + 3) / 4;
+  if (!buf.defined() || buf.numel() < words) {
     buf = at::Tensor();  // release the old one first
-    buf = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
+    buf = at::empty({words}, at::TensorOptions().dtype(at::kFloat));
   }
-  return buf.narrow(0, 0, numel);
+  return buf.narrow(0, 0, words).view(dtype).narrow(0, 0, numel);
+}
+
+// The dtype the large-M CPU path multiplies in: bfloat16 inputs stay bfloat16 where the CPU multiplies them
+// natively (qx::cpu_bf16_gemm: AVX512-BF16, through the platform's bfloat16 GEMM, float32 accumulation, each
+// output rounded once); everything else is widened to float32 (AVX2 has no bfloat16 arithmetic).
+at::ScalarType gemm_dtype(at::ScalarType in) {
+  return in == at::kBFloat16 && qx::cpu_bf16_gemm() ? at::kBFloat16 : at::kFloat;
 }
 
 struct MatmulArgs {
@@ -93,15 +101,16 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
                    "matmul_4bit(x " + shape_str(x) + ", W " + c10::str(shape) + ")");
       return out.view(out_shape);
     }
-    // Large M: float32 compute on dequantized row tiles, each multiplied by the platform GEMM.
-    at::Tensor xf = x2.to(at::kFloat);
-    at::Tensor out = empty_output({M, N}, x.options().dtype(at::kFloat));
+    // Large M: dequantized row tiles, each multiplied by the platform GEMM (each output column complete in one).
+    const at::ScalarType cd = gemm_dtype(x.scalar_type());
+    at::Tensor xf = x2.to(cd);
+    at::Tensor out = empty_output({M, N}, x.options().dtype(cd));
     const int64_t tn = tile_rows(N, K);
-    at::Tensor tile = tile_scratch(tn * K).view({tn, K});
+    at::Tensor tile = tile_scratch(tn * K, cd).view({tn, K});
     for (int64_t n0 = 0; n0 < N; n0 += tn) {
       const int64_t rows = std::min(tn, N - n0);
       at::Tensor t = tile.narrow(0, 0, rows);
-      check_status(qx::dequantize_4bit_tile_cpu(a.w, n0, n0 + rows, 0, K, t.data_ptr(), DType::kFloat32),
+      check_status(qx::dequantize_4bit_tile_cpu(a.w, n0, n0 + rows, 0, K, t.data_ptr(), to_dtype(cd, "tile")),
                    "matmul_4bit tile");
       at::Tensor o = out.narrow(1, n0, rows);  // strides (N, 1): the GEMM writes it in place
       at::mm_out(o, xf, t.t());
@@ -147,15 +156,17 @@ at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const
     // (all N rows) re-read grad [M, N] once per tile; row tiles read and rewrite grad_x [M, K] once per
     // tile. Per tile count that is M*N*(K/tk) against 2*M*K*(N/tn) with tk*N = tn*K: columns win when
     // N < 2K (4096x4096, M=1024: 0.83x dense g @ W by columns, 1.03x by rows; 11008x4096, M=256: rows).
-    at::Tensor gf = g.to(at::kFloat).contiguous();
-    if (N < 2 * K) {
-      at::Tensor out = empty_output({M, K}, grad.options().dtype(at::kFloat));
+    // In bfloat16 always columns: each output complete in one GEMM, never summed over tiles in bfloat16.
+    const at::ScalarType cd = gemm_dtype(grad.scalar_type());
+    at::Tensor gf = g.to(cd).contiguous();
+    if (N < 2 * K || cd != at::kFloat) {
+      at::Tensor out = empty_output({M, K}, grad.options().dtype(cd));
       const int64_t tk = tile_rows(K, N);
-      at::Tensor buf = tile_scratch(N * tk);
+      at::Tensor buf = tile_scratch(N * tk, cd);
       for (int64_t k0 = 0; k0 < K; k0 += tk) {
         const int64_t cols = std::min(tk, K - k0);
         at::Tensor t = buf.narrow(0, 0, N * cols).view({N, cols});
-        check_status(qx::dequantize_4bit_tile_cpu(a.w, 0, N, k0, k0 + cols, t.data_ptr(), DType::kFloat32),
+        check_status(qx::dequantize_4bit_tile_cpu(a.w, 0, N, k0, k0 + cols, t.data_ptr(), to_dtype(cd, "tile")),
                      "matmul_4bit backward tile");
         at::Tensor o = out.narrow(1, k0, cols);  // strides (K, 1): the GEMM writes it in place
         at::mm_out(o, gf, t);

@@ -235,6 +235,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("cpu_block_cache_stats", &qx_torch::cpu_block_cache_stats,
           "[on, live bytes, cached bytes, peak live bytes, reuses, new mappings]");
   mod.def("cpu_isa", [] { return std::string(qx::cpu_isa()); }, "instruction set the CPU kernels use");
+  mod.def("cpu_bf16_gemm", &qx::cpu_bf16_gemm, "whether the 4-bit matmul multiplies bfloat16 inputs in bfloat16 on CPU");
 #ifdef QX_WITH_CUDA
   mod.attr("with_cuda") = true;
 #else
