@@ -1,5 +1,6 @@
 """qlora_ext.cpu_block_cache: torch's CPU allocator with a cache of mapped blocks (csrc/torch/large_alloc.cpp).
-A freed large tensor's block is reused for the next one that fits it with at most 1/8 to spare; the cache holds
+A freed large tensor's block is reused for the next one that fits it with at most 1/8 to spare (of equal
+blocks, the one freed last); the cache holds
 at most its limit, and never more than keeps blocks in use + cached under the most ever in use at once; freed
 blocks do not stay resident between long-lived small tensors (glibc's heap, the control, keeps them)."""
 import json
@@ -40,7 +41,11 @@ def test_reuse_limit_and_off(cache_state):
     b.fill_(3.0)
     c = torch.ones(300_000)  # a different block while b lives; contents independent
     assert c.data_ptr() != b.data_ptr() and torch.all(b == 3.0) and torch.all(c == 1.0)
-    del b, c
+    # of blocks of the same length, the one freed last comes back first (the likeliest still in the CPU caches)
+    ptrs = (b.data_ptr(), c.data_ptr())
+    del b
+    del c
+    assert torch.empty(300_000).data_ptr() == ptrs[1]
     # more freed than the limit: the oldest go, at most 8 MiB stay
     many = [torch.empty(1 << 20) for _ in range(6)]  # 4 MiB each
     del many

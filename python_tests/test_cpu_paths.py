@@ -73,8 +73,8 @@ from qlora_ext._ops import _C
 bad = []
 g = torch.Generator().manual_seed(11)
 # M above the fused GEMV's rows (dequantized tiles + the platform GEMM); N < 2K and N >= 2K (the float32
-# backward's two tile shapes)
-for N, K, bs, qt in [(200, 320, 64, "nf4"), (1300, 192, 32, "fp4"), (77, 640, 128, "nf4")]:
+# backward's two tile shapes); 1100x4096: several ~8 MiB tiles each way
+for N, K, bs, qt in [(200, 320, 64, "nf4"), (1300, 192, 32, "fp4"), (77, 640, 128, "nf4"), (1100, 4096, 64, "nf4")]:
     w = torch.randn(N, K, generator=g) * 0.05
     packed, state = F.quantize_4bit(w, bs, qt, True)
     W = F.dequantize_4bit(packed, state).double()

@@ -215,7 +215,7 @@ def cpu_block_cache(limit_bytes: Optional[int] = CPU_BLOCK_CACHE_BYTES,
                     min_bytes: int = CPU_BLOCK_MIN_BYTES) -> Dict[str, int]:
     """Turns torch's CPU block cache on (limit_bytes > 0) or off (0 or None). When on, CPU tensors of at
     least `min_bytes` are separate mappings, kept after they are freed and reused for the next tensor that
-    fits one with at most 1/8 to spare: a training step's activations then neither stay resident as holes in
+    fits one with at most 1/8 to spare (of equal ones, the one freed last): a training step's activations then neither stay resident as holes in
     malloc's heap nor fault fresh pages in on every step. Cached blocks are at most `limit_bytes`, and at most
     what keeps blocks in use + cached under the high-water mark of blocks in use (the oldest go first), so
     the cache never raises the peak above what unmapping every freed block would give. Process-wide

@@ -78,7 +78,9 @@ struct Block {
 };
 
 // Policy. A request takes the smallest cached block that fits it with at most 1/8 to spare (tensors of nearly
-// the same size share blocks; long-lived ones still get exact mappings). Cached blocks are bounded twice: by
+// the same size share blocks; long-lived ones still get exact mappings), and of several that long the one freed
+// last: it is the likeliest still in the CPU's caches (as glibc's heap reuses its last freed chunk). Taking the
+// oldest instead made a SmolLM2 training step 4-8% slower in each of 3 alternated rounds. Cached blocks are bounded twice: by
 // the limit, and by the high-water mark of the blocks in use, so that in use + cached never exceeds the most
 // ever in use at once: the cache then never raises the process's peak above what unmapping every freed block
 // at once would give, and a training step, whose peak recurs every step, finds its freed activations again.
@@ -108,6 +110,7 @@ class BlockCache final : public c10::Allocator {
       std::lock_guard<std::mutex> g(mu_);
       auto it = free_.lower_bound(len);
       if (it != free_.end() && it->first <= len + len / 8) {
+        it = std::prev(free_.upper_bound(it->first));  // of that length, the last freed (emplace puts it last)
         b = it->second;
         uncache_locked(b);
         ++hits_;
