@@ -1,8 +1,8 @@
 """qlora_ext.cpu_block_cache: torch's CPU allocator with a cache of mapped blocks (csrc/torch/large_alloc.cpp).
 A freed large tensor's block is reused for the next one that fits it with at most 1/8 to spare (of equal
-blocks, the one freed last); the cache holds
-at most its limit, and never more than keeps blocks in use + cached under the most ever in use at once; freed
-blocks do not stay resident between long-lived small tensors (glibc's heap, the control, keeps them)."""
+blocks, the one freed last); the cache holds at most its limit, and never more than keeps blocks in use + cached
+under the most ever in use at once; freed blocks do not stay resident between long-lived small tensors (glibc's
+heap, the control, keeps them)."""
 import json
 import subprocess
 import sys

@@ -344,7 +344,8 @@ int cpu_num_threads() { return num_threads(); }
 static bool bf16_dot() {
   static const bool v = [] {
     const char* cap = std::getenv("QLORA_EXT_CPU_ISA");
-    return isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16") && (!cap || !std::strcmp(cap, "avx512bf16"));
+    return isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16") &&
+           (!cap || !std::strcmp(cap, "avx512bf16"));
   }();
   return v;
 }

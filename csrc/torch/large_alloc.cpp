@@ -79,12 +79,12 @@ struct Block {
 
 // Policy. A request takes the smallest cached block that fits it with at most 1/8 to spare (tensors of nearly
 // the same size share blocks; long-lived ones still get exact mappings), and of several that long the one freed
-// last: it is the likeliest still in the CPU's caches (as glibc's heap reuses its last freed chunk). Taking the
-// oldest instead made a SmolLM2 training step 4-8% slower in each of 3 alternated rounds. Cached blocks are bounded twice: by
-// the limit, and by the high-water mark of the blocks in use, so that in use + cached never exceeds the most
-// ever in use at once: the cache then never raises the process's peak above what unmapping every freed block
-// at once would give, and a training step, whose peak recurs every step, finds its freed activations again.
-// Blocks that no longer fit go oldest first.
+// last: it is the likeliest still in the CPU's caches (as glibc's heap reuses its last freed chunk); taking the
+// oldest instead made a SmolLM2 training step 4-8% slower in each of 3 alternated rounds. Cached blocks are
+// bounded twice: by the limit, and by the high-water mark of the blocks in use, so that in use + cached never
+// exceeds the most ever in use at once: the cache then never raises the process's peak above what unmapping
+// every freed block at once would give, and a training step, whose peak recurs every step, finds its freed
+// activations again. Blocks that no longer fit go oldest first.
 class BlockCache final : public c10::Allocator {
  public:
   static BlockCache& instance() {

@@ -17,11 +17,11 @@ int64_t tile_rows(int64_t N, int64_t K) {
   return std::min(rows, N);
 }
 
-// The float32 scratch for those tiles: one buffer per calling thread, grown as needed and kept (~8 MiB), so a
-// training step's thousands of tiles neither fault fresh pages in on every call nor leave the freed tiles
-// between long-lived activations, where they fragment glibc's heap and stay resident.
+// The scratch for those tiles (float32 words, viewed as the tile's dtype): one buffer per calling thread, grown
+// as needed and kept (~8 MiB), so a training step's thousands of tiles neither fault fresh pages in on every call
+// nor leave the freed tiles between long-lived activations, where they fragment glibc's heap and stay resident.
 at::Tensor tile_scratch(int64_t numel, at::ScalarType dtype = at::kFloat) {
-  thread_local at::Tensor buf;  // float32 words
+  thread_local at::Tensor buf;
   const int64_t words = (numel * int64_t(c10::elementSize(dtype)) + 3) / 4;
   if (!buf.defined() || buf.numel() < words) {
     buf = at::Tensor();  // release the old one first
