@@ -1,10 +1,12 @@
-// CPU 4-bit matmul kernels: row tiles equal the matching slice of the full dequantize (bit for bit), and
-// the fused GEMV (every ISA the machine runs: CTest repeats the suite under QLORA_EXT_CPU_ISA) is within 2x the error of a plain float32 dot product against a float64 reference.
+// CPU 4-bit matmul kernels: row tiles equal the matching slice of the full dequantize (bit for bit), and the
+// fused GEMV and packed GEMM (every ISA the machine runs: CTest repeats the suite under QLORA_EXT_CPU_ISA) are
+// within 2x the error of a plain float32 dot product against a float64 reference.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "matmul/matmul.h"
@@ -101,6 +103,46 @@ TEST(MatmulCpu, GemvErrorWithinTwiceNaiveFloat32) {
       }
 }
 
+TEST(MatmulCpu, FusedGemmErrorWithinTwiceNaiveFloat32) {
+  // a @ W^T (forward) and a @ W (the gradient for x): the inner dimension over several 256-deep slices (the last
+  // partial), output columns over more than one 2048-column block and under one 16-column panel, odd K (rows
+  // start mid-byte), M over partial and whole 6-row panels and two 144-row blocks
+  std::mt19937 gen(5);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (auto [N, K, M] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {77, 129, 7}, {77, 129, 33}, {600, 2100, 150},
+                         {520, 5, 13}, {300, 4200, 6}, {2100, 600, 40}})
+    for (QuantType qt : {QuantType::kNF4, QuantType::kFP4})
+      for (bool fwd : {true, false}) {
+        Quantized q = make_weight(N, K, 64, qt, uint32_t(N + K + M));
+        const int64_t inner = fwd ? K : N, cols = fwd ? N : K;
+        std::vector<float> W(N * K), a(M * inner), y(M * cols);
+        for (auto& v : a) v = dist(gen);
+        const Status st = gemm_4bit_cpu(a.data(), M, q.w, fwd, y.data());
+        if (!gemm_4bit_cpu_fused()) {  // scalar and AVX-512 take dequantized tiles and the platform GEMM
+          EXPECT_EQ(st, Status::kUnsupported);
+          continue;
+        }
+        ASSERT_EQ(st, Status::kOk);
+        ASSERT_EQ(dequantize_4bit_tile_cpu(q.w, 0, N, 0, K, W.data(), DType::kFloat32), Status::kOk);
+        double err = 0, err_naive = 0, scale = 0;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t c = 0; c < cols; ++c) {
+            double ref = 0;
+            float naive = 0;
+            for (int64_t i = 0; i < inner; ++i) {
+              const float wv = fwd ? W[c * K + i] : W[i * K + c];
+              ref += double(a[m * inner + i]) * wv;
+              naive += a[m * inner + i] * wv;
+            }
+            err = std::max(err, std::fabs(y[m * cols + c] - ref));
+            err_naive = std::max(err_naive, std::fabs(naive - ref));
+            scale = std::max(scale, std::fabs(ref));
+          }
+        EXPECT_LE(err, 2 * err_naive + 1.2e-7 * scale) << (fwd ? "a @ W^T" : "a @ W") << " M=" << M << " N=" << N
+                                                         << " K=" << K;
+      }
+}
+
 TEST(MatmulCpu, BadArguments) {
   Quantized q = make_weight(8, 64, 64, QuantType::kNF4, 1);
   const int64_t too_many = gemv_4bit_cpu_max_m() + 1;
@@ -116,4 +158,7 @@ TEST(MatmulCpu, BadArguments) {
   bad = q.w;
   bad.scales.absmax = nullptr;
   EXPECT_EQ(gemv_4bit_cpu(x.data(), DType::kFloat32, 1, bad, y.data(), DType::kFloat32), Status::kInvalidArgument);
+  EXPECT_EQ(gemm_4bit_cpu(x.data(), 1, bad, true, y.data()), Status::kInvalidArgument);
+  EXPECT_EQ(gemm_4bit_cpu(x.data(), -1, q.w, false, y.data()), Status::kInvalidArgument);
+  EXPECT_EQ(gemm_4bit_cpu(nullptr, 1, q.w, true, y.data()), Status::kInvalidArgument);
 }

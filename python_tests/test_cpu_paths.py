@@ -109,6 +109,50 @@ def test_bfloat16_matmul_every_path_against_reference(mode, tmp_path):
     assert not res["bad"], res["bad"]
 
 
+_LARGE_M_CHECK = r"""
+import json, torch
+from qlora_ext import functional as F
+from qlora_ext._ops import _C
+bad = []
+g = torch.Generator().manual_seed(12)
+# y = x @ W^T and grad_x = grad_y @ W past the fused GEMV's rows: either inner dimension over several 256-deep
+# slices (the last partial), output columns over several 2048-column blocks per thread (4200) or under one
+# register tile (5), rows that start mid-byte (K odd), M in partial and whole 6-row panels and over two 144-row
+# blocks; the gradient also at M <= 32 (it has no GEMV)
+for N, K, bs, qt, dq in [(600, 4200, 64, "nf4", True), (77, 129, 32, "fp4", True), (300, 5, 64, "nf4", False),
+                         (4100, 300, 128, "nf4", True)]:
+    w = torch.randn(N, K, generator=g) * 0.05
+    packed, state = F.quantize_4bit(w, bs, qt, dq)
+    W = F.dequantize_4bit(packed, state).double()
+    for M in (7, 33, 150, 300):
+        x = torch.randn(M, K, generator=g).requires_grad_()
+        gy = torch.randn(M, N, generator=g)
+        y = F.matmul_4bit(x, packed, state)
+        y.backward(gy)
+        for name, got, ref, lin in (("forward", y, x.detach().double() @ W.t(), x.detach() @ W.float().t()),
+                                    ("backward", x.grad, gy.double() @ W, gy @ W.float())):
+            e = (got.double() - ref).abs().max().item()
+            el = (lin.double() - ref).abs().max().item()
+            if not e <= 2 * el + torch.finfo(torch.float32).eps * ref.abs().max().item():
+                bad.append(f"{name} M={M} N={N} K={K} bs={bs} {qt}: {e:.3g} vs float32 {el:.3g}")
+print(json.dumps({"isa": _C.cpu_isa(), "fused": _C.cpu_fused_gemm(), "bad": bad}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "native"])
+def test_large_m_matmul_every_isa_against_reference(isa, tmp_path):
+    """Forward past the GEMV's rows and the gradient for x (the packed GEMM decoding W into its panels on AVX2,
+    dequantized tiles and the platform GEMM elsewhere) within 2x float32 matmul's error against a float64
+    reference, over the block edges of either path."""
+    native = _C.cpu_isa()
+    if isa != "native" and _RANK[isa] > _RANK[native]:
+        pytest.skip(f"this CPU's kernels run {native}: the {isa} path cannot run here")
+    res = _run_check(_LARGE_M_CHECK, tmp_path, QLORA_EXT_CPU_ISA=None if isa == "native" else isa)
+    assert res["isa"] == (native if isa == "native" else isa)
+    assert res["fused"] == (res["isa"] == "avx2")
+    assert not res["bad"], res["bad"]
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_large_output_is_an_ordinary_tensor(cache):
     """A large output (from a 2 MiB-aligned mapping, whether the CPU block cache is on or not) behaves as any

@@ -32,6 +32,14 @@ Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void
 Status dequantize_4bit_tile_cpu(const Weight4& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, void* out,
                                 DType odt);
 
+// out[M, N] = a[M, K] @ W^T (w_transposed: the forward) or out[M, K] = a[M, N] @ W (the gradient for x), float32,
+// by a packed GEMM whose panels of W are decoded straight from the 4-bit codes: no float tile of W beyond one
+// 256 x 2048 slice per thread, and no second packing of it inside a platform GEMM. AVX2 + FMA only
+// (gemm_4bit_cpu_fused(); elsewhere kUnsupported): AVX-512 machines keep the platform GEMM, whose kernels are
+// twice as wide as this one.
+bool gemm_4bit_cpu_fused();
+Status gemm_4bit_cpu(const float* a, int64_t M, const Weight4& w, bool w_transposed, float* out);
+
 // CUDA: the GEMV for small M (16-byte loads of packed weight, scales decoded in-kernel) and a tensor-core
 // kernel for small batches; larger M is dequantize + cuBLAS in the torch layer.
 constexpr int64_t kCudaGemvMaxM = 4;

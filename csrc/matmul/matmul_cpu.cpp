@@ -1,4 +1,5 @@
-// CPU 4-bit matmul: a fused dequantize-multiply for small M and the row tiles of the large-M path.
+// CPU 4-bit matmul: a fused dequantize-multiply for small M; for large M a packed GEMM decoding W into its panels
+// (AVX2) and the tiles the other paths hand to the platform GEMM.
 // The weights used are exactly the dequantized ones (code[nibble] * scale, one float32 rounding), except in
 // the AVX2 M = 1 block kernel, which scales each block's partial sum instead (see there). AVX-512
 // and AVX2: the GEMV decodes 32 weights at a time in registers and feeds them straight into FMAs with every
@@ -280,6 +281,98 @@ GemvRowsFn pick_gemv_blocks(int64_t M, int64_t blocksize) {
   return fns[M - 1][blocksize == 64 ? 0 : 1];
 }
 
+// The packed GEMM behind gemm_4bit_cpu, in the usual blocked form: the inner dimension in slices of kKC, each
+// thread's output columns in blocks of kNC, rows of the left operand in blocks of kMC; B's slice is packed into
+// column panels of kNR (kKC x kNR floats: L1), A's block into row panels of kMR (kMC x kKC: L2), and a 6x16
+// register tile (12 accumulators, two B vectors, one broadcast) runs over every pair of panels.
+constexpr int64_t kMR = 6, kNR = 16, kKC = 256, kMC = 144, kNC = 2048;
+
+// C[mr x nr] (=, or += unless first) the product of an A panel [kc][kMR] and a B panel [kc][kNR].
+QX_MM_AVX2 void gemm_tile_6x16(int64_t kc, const float* a, const float* b, float* C, int64_t ldc, int64_t mr,
+                               int64_t nr, bool first) {
+  // twelve named accumulators: as an array, GCC stored every one back to the stack on each iteration
+  for (int64_t i = 0; i < mr; ++i) {  // the tile of C is needed only at the end: fetch it during the k loop
+    _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(C + i * ldc + nr - 1), _MM_HINT_T0);
+  }
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < kc; ++k, a += kMR, b += kNR) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 ai = _mm256_broadcast_ss(a);
+    c00 = _mm256_fmadd_ps(ai, b0, c00), c01 = _mm256_fmadd_ps(ai, b1, c01);
+    ai = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(ai, b0, c10), c11 = _mm256_fmadd_ps(ai, b1, c11);
+    ai = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(ai, b0, c20), c21 = _mm256_fmadd_ps(ai, b1, c21);
+    ai = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(ai, b0, c30), c31 = _mm256_fmadd_ps(ai, b1, c31);
+    ai = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(ai, b0, c40), c41 = _mm256_fmadd_ps(ai, b1, c41);
+    ai = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(ai, b0, c50), c51 = _mm256_fmadd_ps(ai, b1, c51);
+  }
+  const __m256 c[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (mr == kMR && nr == kNR) {
+    for (int i = 0; i < kMR; ++i) {
+      float* ci = C + i * ldc;
+      _mm256_storeu_ps(ci, first ? c[i][0] : _mm256_add_ps(c[i][0], _mm256_loadu_ps(ci)));
+      _mm256_storeu_ps(ci + 8, first ? c[i][1] : _mm256_add_ps(c[i][1], _mm256_loadu_ps(ci + 8)));
+    }
+    return;
+  }
+  alignas(32) float t[kMR][kNR];
+  for (int i = 0; i < kMR; ++i) _mm256_store_ps(t[i], c[i][0]), _mm256_store_ps(t[i] + 8, c[i][1]);
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) C[i * ldc + j] = first ? t[i][j] : C[i * ldc + j] + t[i][j];
+}
+
+// Rows [0, mc) x columns [0, kc) of A (row stride lda) as row panels [mc / kMR][kc][kMR], the last zero-padded.
+void pack_a(const float* A, int64_t lda, int64_t mc, int64_t kc, float* ap) {
+  for (int64_t i0 = 0; i0 < mc; i0 += kMR, ap += kMR * kc) {
+    for (int64_t i = 0; i < kMR; ++i) {
+      if (i0 + i < mc) {
+        const float* src = A + (i0 + i) * lda;
+        for (int64_t k = 0; k < kc; ++k) ap[k * kMR + i] = src[k];
+      } else {
+        for (int64_t k = 0; k < kc; ++k) ap[k * kMR + i] = 0.0f;
+      }
+    }
+  }
+}
+
+// Rows [p0, p0 + kc) x columns [j0, j0 + nc) of the dequantized W as column panels [nc / kNR][kc][kNR], the last
+// zero-padded: each row segment is decoded once into `row` (the dequantize kernel, the same rounding) and split.
+void pack_w_rows(const Weight4& w, const float* code, int64_t p0, int64_t kc, int64_t j0, int64_t nc, float* bp,
+                 float* row) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const int64_t e = (p0 + k) * w.K + j0;
+    detail::dequantize_4bit_range(w.packed, w.scales, w.blocksize, code, row, DType::kFloat32, e, e + nc);
+    for (int64_t j = 0; j < nc; j += kNR) {
+      float* dst = bp + j * kc + k * kNR;
+      const int64_t n = std::min(kNR, nc - j);
+      std::memcpy(dst, row + j, n * sizeof(float));
+      std::fill(dst + n, dst + kNR, 0.0f);
+    }
+  }
+}
+
+// Rows [p0, p0 + kc) x columns [j0, j0 + nc) of W^T (rows j0.. of W, columns p0..) as the same column panels:
+// each of a panel's kNR rows of W is decoded into `rows` ([kNR][kc]), then transposed into place.
+void pack_w_cols(const Weight4& w, const float* code, int64_t p0, int64_t kc, int64_t j0, int64_t nc, float* bp,
+                 float* rows) {
+  for (int64_t j = 0; j < nc; j += kNR, bp += kNR * kc) {
+    const int64_t n = std::min(kNR, nc - j);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t e = (j0 + j + r) * w.K + p0;
+      detail::dequantize_4bit_range(w.packed, w.scales, w.blocksize, code, rows + r * kc, DType::kFloat32, e, e + kc);
+    }
+    std::fill(rows + n * kc, rows + kNR * kc, 0.0f);
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t r = 0; r < kNR; ++r) bp[k * kNR + r] = rows[r * kc + k];
+  }
+}
+
 bool valid(const Weight4& w) {
   if (w.N <= 0 || w.K <= 0 || !w.packed || !valid_blocksize_4bit(w.blocksize)) return false;
   const AbsmaxView& s = w.scales;
@@ -375,6 +468,50 @@ Status gemv_4bit_cpu(const void* x, DType xdt, int64_t M, const Weight4& w, void
         for (int64_t m = 0; m < M; ++m) store_elem(out, odt, m * N + n0 + r, acc[r][m]);
     }
   });
+  return Status::kOk;
+}
+
+bool gemm_4bit_cpu_fused() { return detail::isa_level() == 1; }
+
+Status gemm_4bit_cpu(const float* a, int64_t M, const Weight4& w, bool w_transposed, float* out) {
+  if (!valid(w) || M < 0 || (M > 0 && (!a || !out))) return Status::kInvalidArgument;
+  if (!gemm_4bit_cpu_fused()) return Status::kUnsupported;
+  if (M == 0) return Status::kOk;
+  // out[M, cols] = a[M, inner] @ B, B = W^T [K, N] (forward) or W [N, K] (the gradient for x)
+  const int64_t inner = w_transposed ? w.K : w.N, cols = w_transposed ? w.N : w.K;
+  const float* code = code4(w.qt);
+  // out[m0:m1, c0:c1] on one thread, with its own packed panels (so no barriers between threads).
+  auto block = [&](int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+    thread_local std::vector<float> bbuf, abuf, wbuf;  // ~2.2 MiB, kept between calls (no fresh pages per call)
+    bbuf.resize(kKC * kNC), abuf.resize(kMC * kKC), wbuf.resize(std::max(kNC, kNR * kKC));
+    for (int64_t jc = c0; jc < c1; jc += kNC) {
+      const int64_t nc = std::min(kNC, c1 - jc);
+      for (int64_t pc = 0; pc < inner; pc += kKC) {
+        const int64_t kc = std::min(kKC, inner - pc);
+        if (w_transposed)
+          pack_w_cols(w, code, pc, kc, jc, nc, bbuf.data(), wbuf.data());
+        else
+          pack_w_rows(w, code, pc, kc, jc, nc, bbuf.data(), wbuf.data());
+        for (int64_t ic = m0; ic < m1; ic += kMC) {
+          const int64_t mc = std::min(kMC, m1 - ic);
+          pack_a(a + ic * inner + pc, inner, mc, kc, abuf.data());
+          for (int64_t jr = 0; jr < nc; jr += kNR)
+            for (int64_t ir = 0; ir < mc; ir += kMR)
+              gemm_tile_6x16(kc, abuf.data() + ir * kc, bbuf.data() + jr * kc, out + (ic + ir) * cols + jc + jr,
+                             cols, std::min(kMR, mc - ir), std::min(kNR, nc - jr), pc == 0);
+        }
+      }
+    }
+  };
+  // Threads split the output by columns (each packs all of `a`: M x inner floats) or, where that copy is the
+  // larger, by rows (each decodes all of W: inner x cols weights, about twice a copy's work).
+  if (M > 2 * cols) {
+    parallel_for((M + kMR - 1) / kMR, 1,
+                 [&](int64_t t0, int64_t t1) { block(t0 * kMR, std::min(M, t1 * kMR), 0, cols); });
+  } else {
+    parallel_for((cols + kNR - 1) / kNR, 1,
+                 [&](int64_t t0, int64_t t1) { block(0, M, t0 * kNR, std::min(cols, t1 * kNR)); });
+  }
   return Status::kOk;
 }
 

@@ -1,5 +1,6 @@
 // Torch layer of the 4-bit matmul: y = x @ W^T (forward) and g @ W (the gradient for x), with the dispatch
-// between the fused small-M kernels and dequantized tiles + the platform GEMM (CPU: row tiles of a few MiB,
+// between the fused small-M kernels and, for large M, the packed GEMM that decodes W into its own panels (CPU
+// with AVX2, float32) or dequantized tiles + the platform GEMM (other CPUs and bfloat16 GEMMs: tiles of a few MiB,
 // so the whole float weight is never materialized; CUDA: the whole weight, then cuBLAS).
 #include <torch/library.h>
 
@@ -101,9 +102,16 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
                    "matmul_4bit(x " + shape_str(x) + ", W " + c10::str(shape) + ")");
       return out.view(out_shape);
     }
-    // Large M: dequantized row tiles, each multiplied by the platform GEMM (each output column complete in one).
     const at::ScalarType cd = gemm_dtype(x.scalar_type());
     at::Tensor xf = x2.to(cd);
+    if (cd == at::kFloat && qx::gemm_4bit_cpu_fused()) {  // AVX2: W decoded straight into the GEMM's panels
+      at::Tensor out = empty_output({M, N}, x.options().dtype(at::kFloat));
+      check_status(qx::gemm_4bit_cpu(xf.data_ptr<float>(), M, a.w, true, out.data_ptr<float>()),
+                   "matmul_4bit(x " + shape_str(x) + ", W " + c10::str(shape) + ")");
+      return out.to(x.scalar_type()).view(out_shape);
+    }
+    // Large M elsewhere: dequantized row tiles, each multiplied by the platform GEMM (each output column complete
+    // in one).
     at::Tensor out = empty_output({M, N}, x.options().dtype(cd));
     const int64_t tn = tile_rows(N, K);
     at::Tensor tile = tile_scratch(tn * K, cd).view({tn, K});
@@ -159,6 +167,12 @@ at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const
     // In bfloat16 always columns: each output complete in one GEMM, never summed over tiles in bfloat16.
     const at::ScalarType cd = gemm_dtype(grad.scalar_type());
     at::Tensor gf = g.to(cd).contiguous();
+    if (cd == at::kFloat && qx::gemm_4bit_cpu_fused()) {  // AVX2: W decoded straight into the GEMM's panels
+      at::Tensor out = empty_output({M, K}, grad.options().dtype(at::kFloat));
+      check_status(qx::gemm_4bit_cpu(gf.data_ptr<float>(), M, a.w, false, out.data_ptr<float>()),
+                   "matmul_4bit_t(grad " + shape_str(grad) + ", W " + c10::str(shape) + ")");
+      return out.to(grad.scalar_type()).view(out_shape);
+    }
     if (N < 2 * K || cd != at::kFloat) {
       at::Tensor out = empty_output({M, K}, grad.options().dtype(cd));
       const int64_t tk = tile_rows(K, N);

@@ -236,6 +236,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "[on, live bytes, cached bytes, peak live bytes, reuses, new mappings]");
   mod.def("cpu_isa", [] { return std::string(qx::cpu_isa()); }, "instruction set the CPU kernels use");
   mod.def("cpu_bf16_gemm", &qx::cpu_bf16_gemm, "whether the 4-bit matmul multiplies bfloat16 inputs in bfloat16 on CPU");
+  mod.def("cpu_fused_gemm", &qx::gemm_4bit_cpu_fused,
+          "whether the 4-bit matmul's large-M float32 CPU path decodes W straight into its own GEMM (AVX2)");
 #ifdef QX_WITH_CUDA
   mod.attr("with_cuda") = true;
 #else
