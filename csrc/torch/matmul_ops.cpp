@@ -160,11 +160,6 @@ at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const
   const int64_t M = grad.numel() / N;
   at::Tensor g = grad.reshape({M, N});
   if (grad.is_cpu()) {
-    // ~8 MiB tiles of W in one of two shapes, whichever moves fewer bytes around the GEMMs: column tiles
-    // (all N rows) re-read grad [M, N] once per tile; row tiles read and rewrite grad_x [M, K] once per
-    // tile. Per tile count that is M*N*(K/tk) against 2*M*K*(N/tn) with tk*N = tn*K: columns win when
-    // N < 2K (4096x4096, M=1024: 0.83x dense g @ W by columns, 1.03x by rows; 11008x4096, M=256: rows).
-    // In bfloat16 always columns: each output complete in one GEMM, never summed over tiles in bfloat16.
     const at::ScalarType cd = gemm_dtype(grad.scalar_type());
     at::Tensor gf = g.to(cd).contiguous();
     if (cd == at::kFloat && qx::gemm_4bit_cpu_fused()) {  // AVX2: W decoded straight into the GEMM's panels
@@ -173,6 +168,11 @@ at::Tensor matmul_4bit_t(const at::Tensor& grad, const at::Tensor& packed, const
                    "matmul_4bit_t(grad " + shape_str(grad) + ", W " + c10::str(shape) + ")");
       return out.to(grad.scalar_type()).view(out_shape);
     }
+    // Elsewhere ~8 MiB tiles of W in one of two shapes, whichever moves fewer bytes around the GEMMs: column tiles
+    // (all N rows) re-read grad [M, N] once per tile; row tiles read and rewrite grad_x [M, K] once per
+    // tile. Per tile count that is M*N*(K/tk) against 2*M*K*(N/tn) with tk*N = tn*K: columns win when
+    // N < 2K (4096x4096, M=1024: 0.83x dense g @ W by columns, 1.03x by rows; 11008x4096, M=256: rows).
+    // In bfloat16 always columns: each output complete in one GEMM, never summed over tiles in bfloat16.
     if (N < 2 * K || cd != at::kFloat) {
       at::Tensor out = empty_output({M, K}, grad.options().dtype(cd));
       const int64_t tk = tile_rows(K, N);
