@@ -556,6 +556,53 @@ def test_prepared_forward_with_labels_chunks_the_head_loss_exactly(monkeypatch, 
         torch.testing.assert_close(g_ours[n], g_theirs[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+# tiny-config extras per family (pad_token_id / head_dim where the generic tiny config does not fit the default)
+_PLAIN_HEAD_EXTRAS = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": dict(head_dim=16), "phi": {}, "phi3": dict(pad_token_id=0),
+    "gemma": dict(head_dim=16), "olmo": {}, "olmo2": {}, "smollm3": dict(pad_token_id=0), "starcoder2": {},
+    "stablelm": {}, "glm": dict(head_dim=16, pad_token_id=0), "glm4": dict(head_dim=16, pad_token_id=0),
+    "helium": dict(head_dim=16, pad_token_id=0), "arcee": {}, "exaone4": {}, "seed_oss": dict(head_dim=16),
+    "apertus": {}}
+
+
+@pytest.mark.parametrize("model_type", sorted(_PLAIN_HEAD_EXTRAS))
+def test_every_plain_head_family_gets_the_exact_chunked_loss(model_type):
+    """Each family listed as having a plain head (decoder -> lm_head, nothing in between) gets the chunked loss,
+    and it equals transformers' own: loss, logits and LoRA gradients (random tiny model, biased head for phi)."""
+    from transformers import AutoConfig
+    from qlora_ext import lm
+    assert set(_PLAIN_HEAD_EXTRAS) == lm.PLAIN_HEAD_MODEL_TYPES   # a family added there is tested here
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+                               max_position_embeddings=64, **_PLAIN_HEAD_EXTRAS[model_type])
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() >= 2 else None
+    model = Q.prepare_model_for_training(Q.quantize_model(model), cpu_block_cache=None)
+    assert "_qlora_ext_forward" in vars(model)
+    Q.add_lora(model, r=4, lora_dropout=0.0)
+    for m in model.modules():
+        if isinstance(m, LoraLinear4bit):
+            nn.init.normal_(m.lora_B["default"].weight, std=0.05)
+    model.eval()   # some families default to dropout in attention or residuals
+    ids = torch.randint(0, 320, (2, 12))
+
+    def run(forward):
+        model.zero_grad(set_to_none=True)
+        out = forward(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    ours, g_ours = run(model)
+    theirs, g_theirs = run(model._qlora_ext_forward)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.logits, theirs.logits.detach(), rtol=1e-5, atol=1e-5)
+    assert g_ours.keys() == g_theirs.keys() and g_ours
+    for n in g_ours:
+        torch.testing.assert_close(g_ours[n], g_theirs[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_prepared_forward_falls_back_where_chunking_does_not_apply(expected):
     ids = expected["input_ids"]
     model = Q.prepare_model_for_training(_lora_model(), gradient_checkpointing=False)
@@ -566,3 +613,83 @@ def test_prepared_forward_falls_back_where_chunking_does_not_apply(expected):
     Q.prepare_model_for_training(model, gradient_checkpointing=False)  # idempotent: one wrapper
     from qlora_ext import lm
     assert vars(model)["_qlora_ext_forward"].__func__ is not lm._chunked_causal_lm_forward
+
+
+def test_gpt2_conv1d_layers_quantize_and_interoperate_like_bitsandbytes(tmp_path):
+    """transformers' Conv1D (GPT-2 and its relatives: a linear layer whose weight is stored [in, out]) is
+    quantized, as bitsandbytes quantizes it, transposed to [out, in]: the same bytes and keys as transformers +
+    bitsandbytes, both ways, adapters both ways (PEFT's fan_in_fan_out adapters of the float model too), and a
+    merged export whose Conv1D weights plain transformers reads back in their own layout."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
+    _bitsandbytes()
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=96, n_layer=2, n_head=3, n_inner=200, vocab_size=300, n_positions=64)
+    float_model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for n, p in float_model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.1)
+    float_model.save_pretrained(tmp_path / "float")
+    ids = torch.randint(0, 300, (2, 12))
+    conv = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32,
+                                                quantization_config=Q.QLoRAConfig(compute_dtype=torch.float32))
+    bnb = AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32, quantization_config=
+                                               BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                  bnb_4bit_use_double_quant=True,
+                                                                  bnb_4bit_compute_dtype=torch.float32))
+    _bnb_float32_path(bnb)
+    for i in range(2):
+        for c in conv:
+            m = ours.get_submodule(f"transformer.h.{i}.{c}")
+            src = float_model.get_submodule(f"transformer.h.{i}.{c}").weight   # [in, out]
+            assert isinstance(m, Linear4bit) and m.source_transposed
+            assert (m.out_features, m.in_features) == tuple(src.shape[::-1]) == tuple(m.quant_state.shape)
+            assert _rel(m.dequantized_weight(torch.float32), src.t()) < 0.15  # 4-bit noise of the transpose
+    assert type(ours.lm_head) is nn.Linear  # tied to the embeddings: float
+    sd_ours, sd_bnb = ours.state_dict(), bnb.state_dict()
+    assert set(sd_ours) == set(sd_bnb)
+    for k, v in sd_bnb.items():
+        assert torch.equal(sd_ours[k], v.view(sd_ours[k].dtype).reshape(sd_ours[k].shape)), k
+    ref = _logits(bnb, ids)
+    assert _max_rel(_logits(ours, ids), ref) < 1e-5
+    assert _rel(_logits(ours, ids), _logits(float_model, ids)) < 0.1
+
+    inplace = Q.quantize_model(GPT2LMHeadModel.from_pretrained(tmp_path / "float"), Q.QLoRAConfig())
+    assert all(torch.equal(v, sd_ours[k]) for k, v in inplace.state_dict().items())
+    bnb.save_pretrained(tmp_path / "bnb")        # transformers + bitsandbytes' own 4-bit checkpoint
+    assert torch.equal(_logits(Q.load_quantized(tmp_path / "bnb", Q.QLoRAConfig(compute_dtype=torch.float32)),
+                               ids), _logits(ours, ids))
+    Q.save_quantized(ours, tmp_path / "nf4")   # and ours into transformers + bitsandbytes
+    back = _bnb_float32_path(AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", dtype=torch.float32))
+    assert _max_rel(_logits(back, ids), ref) < 1e-5
+
+    # PEFT's adapter for the float model (fan_in_fan_out=True: PEFT's Conv1D convention) onto both 4-bit models
+    peft_float = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "float"),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                           fan_in_fan_out=True)).eval()
+    with torch.no_grad():
+        for n, p in peft_float.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_float.save_pretrained(tmp_path / "peft-adapter")
+    assert json.loads((tmp_path / "peft-adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    Q.load_adapter(ours, tmp_path / "peft-adapter")
+    ours.eval()
+    with_adapter = _logits(ours, ids)
+    on_bnb = PeftModel.from_pretrained(bnb, tmp_path / "peft-adapter").eval()
+    assert _max_rel(with_adapter, _logits(on_bnb, ids)) < 1e-5
+    assert _rel(with_adapter, _logits(peft_float, ids)) < 0.1   # the float model with the same adapter
+
+    # our adapter, saved and loaded by PEFT on the bitsandbytes model (removing the float adapter first)
+    on_bnb = on_bnb.unload()
+    Q.save_adapter(ours, tmp_path / "ours-adapter")
+    again = PeftModel.from_pretrained(on_bnb, tmp_path / "ours-adapter").eval()
+    assert _max_rel(_logits(again, ids), with_adapter) < 1e-5
+
+    Q.export_merged(ours, tmp_path / "merged", dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert _rel(_logits(plain, ids), with_adapter) < 1e-5

@@ -300,7 +300,10 @@ def _read_adapter_config(path: Path) -> Tuple[dict, bytes]:
     _number(cfg, "lora_alpha", lambda v: True, "a finite number")
     cfg.setdefault("lora_dropout", 0.0)
     _number(cfg, "lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)")
-    unsupported = {"use_dora": (False, None), "fan_in_fan_out": (False, None), "bias": ("none", None),
+    # fan_in_fan_out (PEFT sets it for a float Conv1D base) only says how the base stores its weight; A and B
+    # have their usual shapes, and a 4-bit layer is [out, in] whatever it replaced, so it is accepted as
+    # PEFT's bitsandbytes layers accept it (they reset it)
+    unsupported = {"use_dora": (False, None), "bias": ("none", None),
                    "lora_bias": (False, None), "layers_to_transform": (None, []),
                    "target_parameters": (None, []), "trainable_token_indices": (None, {}, [])}
     for key, fine in unsupported.items():

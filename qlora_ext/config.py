@@ -213,6 +213,8 @@ if _HAVE_TRANSFORMERS:
             for name, value in input_dict.items():
                 value = value[0] if isinstance(value, list) else value
                 module = model.get_submodule(name.rpartition(".")[0])
+                if module.source_transposed:  # a Conv1D's [in, out] weight (a 4-bit checkpoint stores [out, in])
+                    value = value.t()
                 try:
                     packed, state = quantize_4bit(value, cfg.blocksize, cfg.quant_type, cfg.double_quant,
                                                   cfg.quant_storage)

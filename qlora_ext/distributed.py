@@ -357,6 +357,10 @@ def load_sharded(path, config, ctx: Context, dtype: torch.dtype = torch.float32,
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     _replace_linears(model, config, _float_modules(model, config), quantize=False)
+    transposed = [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and m.source_transposed]
+    if transposed:  # each rank reads its rows of the checkpoint tensor, and a Conv1D stores the transpose
+        raise ValueError(f"{path}: load_sharded cannot shard transformers Conv1D layers (GPT-2 style: "
+                         f"{transposed[0]}, ...); load the model with from_pretrained / load_quantized instead")
     model.requires_grad_(False)
     if prepare is not None:
         model = prepare(model)

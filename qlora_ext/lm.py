@@ -18,7 +18,9 @@ from .nn import Linear4bit
 
 # Model types whose CausalLM is decoder -> lm_head with nothing in between (no logit scaling or soft-capping),
 # so the head may be applied to chosen positions only. Others run their full forward.
-PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3"}
+PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "olmo", "olmo2",
+                          "smollm3", "starcoder2", "stablelm", "glm", "glm4", "helium", "arcee", "exaone4", "seed_oss",
+                          "apertus"}
 # Elements of [rows, vocab] float32 logits alive at once in the chunked head (30 MiB). Under glibc's 32 MiB
 # ceiling for heap allocations, so chunks reuse freed heap memory: 64 MiB chunks were mapped and faulted in
 # afresh each time and left ~200 MiB more peak RSS in a SmolLM2 training step. Much smaller chunks cost time:

@@ -19,7 +19,7 @@ from torch import nn
 from . import _io
 from .config import QLoRAConfig
 from .functional import dequantize_4bit, quantize_4bit
-from .nn import Linear4bit, LoraLinear4bit
+from .nn import Linear4bit, LoraLinear4bit, is_conv1d
 
 __all__ = ["quantize_model", "load_quantized", "save_quantized", "prepare_model_for_training", "merge_lora",
            "export_merged", "memory_report", "release_checkpoint_mapping"]
@@ -88,14 +88,21 @@ def _float_modules(model: nn.Module, config: QLoRAConfig) -> List[str]:
     return skip + _task_heads(model)
 
 
+def _quantizable(m: nn.Module) -> bool:
+    """The layers bitsandbytes (and so qlora_ext) quantizes: exactly nn.Linear (not subclasses, which may do more
+    than x @ W^T + b), and transformers' Conv1D."""
+    return type(m) is nn.Linear or is_conv1d(m)
+
+
 def _replace_linears(model: nn.Module, config: QLoRAConfig, skip, quantize: bool) -> List[str]:
-    """Swaps every plain nn.Linear that is not skipped, not tied to another module and not inside a 4-bit layer
+    """Swaps every plain nn.Linear and transformers Conv1D (as bitsandbytes does; its weight transposed, see
+    Linear4bit.source_transposed) that is not skipped, not tied to another module and not inside a 4-bit layer
     for a Linear4bit, in place. quantize=True quantizes the float weight (freeing it as soon as its layer is
     swapped); quantize=False builds empty layers (on the meta device, for a loader to fill)."""
     shared = _shared_param_ids(model)
     inside_4bit = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Linear4bit))
     names = [n for n, m in model.named_modules()
-             if type(m) is nn.Linear and n and not n.startswith(inside_4bit) and not _skipped(n, skip)
+             if _quantizable(m) and n and not n.startswith(inside_4bit) and not _skipped(n, skip)
              and id(m.weight) not in shared]
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -105,8 +112,10 @@ def _replace_linears(model: nn.Module, config: QLoRAConfig, skip, quantize: bool
             new = Linear4bit.from_linear(old, config.quant_type, config.blocksize, config.double_quant,
                                          config.quant_storage, config.compute_dtype)
         else:
-            new = Linear4bit(old.in_features, old.out_features, old.bias is not None, config.compute_dtype,
-                             config.quant_storage, device="meta", dtype=old.weight.dtype)
+            in_f, out_f = old.weight.shape if is_conv1d(old) else (old.in_features, old.out_features)
+            new = Linear4bit(in_f, out_f, old.bias is not None, config.compute_dtype, config.quant_storage,
+                             device="meta", dtype=old.weight.dtype)
+            new.source_transposed = is_conv1d(old)
         new.requires_grad_(False)
         new.train(old.training)  # a LoRA dropout added later must follow the model's train / eval mode
         parent._modules[child] = new
@@ -115,9 +124,9 @@ def _replace_linears(model: nn.Module, config: QLoRAConfig, skip, quantize: bool
 
 
 def quantize_model(model: nn.Module, config: Optional[QLoRAConfig] = None) -> nn.Module:
-    """Replaces every nn.Linear except those _float_modules keeps (skip_modules, output embeddings, task heads
-    such as a classifier) by a Linear4bit, in place, layer by layer (each float
-    weight is released as soon as its layer is quantized). Returns the model."""
+    """Replaces every nn.Linear (and transformers Conv1D) except those _float_modules keeps (skip_modules, output
+    embeddings, task heads such as a classifier) by a Linear4bit, in place, layer by layer (each float weight is
+    released as soon as its layer is quantized). Returns the model."""
     config = QLoRAConfig() if config is None else config
     if not isinstance(config, QLoRAConfig):
         raise TypeError(f"config must be a QLoRAConfig, got {type(config).__name__}")
@@ -299,9 +308,9 @@ def save_quantized(model: nn.Module, directory) -> None:
     compute = first.compute_dtype or first.quant_state.dtype
     lora = _lora_prefixes(model)
     sd = {k: v for k, v in model.state_dict().items() if not (lora and k.startswith(lora))}
-    # bitsandbytes converts every nn.Linear not listed here: name the ones we kept in float explicitly
+    # bitsandbytes converts every nn.Linear and Conv1D not listed here: name the ones we kept in float explicitly
     inside = tuple(n + "." for n, _ in layers)
-    float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear and not n.startswith(inside)]
+    float_linears = [n for n, m in model.named_modules() if _quantizable(m) and not n.startswith(inside)]
 
     def config_json():
         cfg = copy.deepcopy(model.config)
@@ -330,7 +339,7 @@ def export_merged(model: nn.Module, directory, dtype: torch.dtype = torch.bfloat
             w = m.dequantized_weight(torch.float32)
             if isinstance(m, LoraLinear4bit) and m.active_adapter is not None:
                 w += m.delta_weight().to(w.device)
-            sd[k] = w.to(dtype)
+            sd[k] = (w.t() if m.source_transposed else w).to(dtype).contiguous()  # Conv1D: [in, out]
             del w
         else:
             key = (v.data_ptr(), v.dtype, tuple(v.shape))
@@ -374,6 +383,7 @@ def merge_lora(model: nn.Module) -> dict:
                                           "max_abs_error": float(err.abs().max()),
                                           "delta_rel_norm": float(delta.norm() / w.norm().clamp_min(1e-30))}
                 new = Linear4bit.from_quantized(packed, state, m.bias, m.compute_dtype).train(m.training)
+                new.source_transposed = m.source_transposed
             parent_name, _, child = name.rpartition(".")
             model.get_submodule(parent_name)._modules[child] = new
     errs = [v["rel_error"] for v in report["layers"].values()]

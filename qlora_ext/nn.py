@@ -8,6 +8,7 @@ PEFT's in-memory layout, so PEFT's file format is the same keys with the adapter
 from __future__ import annotations
 
 import math
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -43,6 +44,12 @@ class LoraDropout(nn.Dropout):
         return torch.ops.qlora_ext.lora_dropout(x, self.p, seed)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and its relatives): a linear layer with its weight stored [in, out]."""
+    tf = sys.modules.get("transformers.pytorch_utils")  # not imported: no Conv1D can exist
+    return tf is not None and isinstance(module, tf.Conv1D)
+
+
 class Linear4bit(nn.Linear):
     """A Linear layer whose weight is stored in 4 bits (frozen); the bias, if any, stays a float parameter.
 
@@ -54,7 +61,14 @@ class Linear4bit(nn.Linear):
     `weight` is the packed parameter (shape [(N*K + 1) // 2 // itemsize, 1] of the storage dtype, never
     trainable) and `quant_state` the QuantState that decodes it. Inputs are cast to `compute_dtype` (default:
     the original weight dtype) and the output back to the input dtype, as bitsandbytes does.
+
+    `source_transposed` is True for a layer that replaced transformers' `Conv1D` (GPT-2 and its relatives),
+    whose float weight is stored [in, out]: the 4-bit weight is [out, in] like any other (the layout
+    bitsandbytes gives it), and float weights read from or written to the original model's checkpoints are
+    transposed on the way (`from_linear`, the loaders, `export_merged`).
     """
+
+    source_transposed = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype=None,
                  quant_storage: torch.dtype = torch.uint8, device=None, dtype=None):
@@ -75,14 +89,20 @@ class Linear4bit(nn.Linear):
         super().__setattr__(name, value)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+    def from_linear(cls, linear: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                     quant_storage: torch.dtype = torch.uint8, compute_dtype=None) -> "Linear4bit":
-        """Quantizes a float nn.Linear (on its device); the bias is kept as it is (shared, not copied)."""
+        """Quantizes a float nn.Linear or transformers Conv1D (on its device); the bias is kept as it is (shared,
+        not copied)."""
+        conv1d = is_conv1d(linear)
+        if not (conv1d or isinstance(linear, nn.Linear)):
+            raise TypeError(f"from_linear takes an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         w = linear.weight.detach()
         if w.is_meta:
             raise ValueError("cannot quantize a Linear whose weight is on the meta device (not loaded yet)")
-        packed, state = quantize_4bit(w, blocksize, quant_type, double_quant, quant_storage)
-        return cls.from_quantized(packed, state, linear.bias, compute_dtype).train(linear.training)
+        packed, state = quantize_4bit(w.t() if conv1d else w, blocksize, quant_type, double_quant, quant_storage)
+        m = cls.from_quantized(packed, state, linear.bias, compute_dtype).train(linear.training)
+        m.source_transposed = conv1d
+        return m
 
     @classmethod
     def from_quantized(cls, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None,
@@ -272,6 +292,7 @@ class LoraLinear4bit(Linear4bit):
             m = cls(base.in_features, base.out_features, base.bias is not None, base.compute_dtype,
                     base.weight.dtype)
         m.weight, m.quant_state, m.bias = base.weight, base.quant_state, base.bias
+        m.source_transposed = base.source_transposed
         m.train(base.training)
         m.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
         return m
@@ -352,6 +373,7 @@ class LoraLinear4bit(Linear4bit):
     def to_linear4bit(self) -> Linear4bit:
         """The base layer alone (sharing the packed weight, state and bias), adapters dropped."""
         base = Linear4bit.from_quantized(self.weight, self.quant_state, self.bias, self.compute_dtype)
+        base.source_transposed = self.source_transposed
         return base.train(self.training)
 
     def extra_repr(self) -> str:
