@@ -312,9 +312,9 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     """`x[..., K] @ W.T (+ bias)` with W the 4-bit [N, K] weight of (packed, state); output in x's dtype.
 
     Differentiable in x (through the dequantized weight) and bias; the 4-bit weight gets no gradient.
-    CPU: a fused dequantize-multiply for up to 32 rows (AVX-512; 8 with AVX2), dequantized row tiles + GEMM
-    above that; CUDA: a
-    GEMV for M <= 4, a tensor-core kernel up to 64 rows, dequantize + cuBLAS above.
+    CPU: a fused dequantize-multiply for up to 32 rows (AVX-512 or AVX2; 8 scalar); above that, on AVX2, a
+    packed GEMM that decodes the codes into its panels of W, elsewhere dequantized row tiles + the platform
+    GEMM. CUDA: a GEMV for M <= 4, a tensor-core kernel up to 64 rows, dequantize + cuBLAS above.
     """
     _check_state(packed, state)
     if len(state.shape) != 2:
