@@ -233,6 +233,49 @@ def test_modules_to_save_round_trip_with_peft_both_ways(minilm, batch, tmp_path)
     assert torch.allclose(_logits(fresh, batch), _logits(pm, batch), atol=1e-4, rtol=1e-4)
 
 
+def test_modules_to_save_names_match_as_peft_matches_them(tmp_path):
+    """PEFT's modules_to_save rule is a plain suffix: for DistilBERT its SEQ_CLS default "classifier" also names
+    "pre_classifier", which PEFT trains and saves. Our adapter must hold both (PEFT refuses a file without
+    pre_classifier) and PEFT's must load into our model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    torch.manual_seed(0)
+    DistilBertForSequenceClassification(DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4,
+                                                         vocab_size=200, num_labels=3)).save_pretrained(tmp_path / "f")
+    ids = {"input_ids": torch.randint(1, 200, (2, 9))}
+    ours = AutoModelForSequenceClassification.from_pretrained(tmp_path / "f", quantization_config=Q.QLoRAConfig())
+    Q.add_lora(ours, r=4, lora_alpha=8, lora_dropout=0.0)
+    assert ours.pre_classifier.weight.requires_grad and ours.classifier.weight.requires_grad
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    Q.save_adapter(ours, tmp_path / "ours")
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {f"base_model.model.{m}.{t}" for m in ("pre_classifier", "classifier") for t in ("weight", "bias")} <= keys
+    twin = AutoModelForSequenceClassification.from_pretrained(tmp_path / "f")
+    with torch.no_grad():
+        for n, m in ours.named_modules():
+            if isinstance(m, Linear4bit):
+                twin.get_submodule(n).weight.copy_(m.dequantized_weight(torch.float32))
+    assert torch.allclose(_logits(PeftModel.from_pretrained(twin, tmp_path / "ours").eval(), ids),
+                          _logits(ours, ids), atol=1e-4, rtol=1e-4)
+
+    pm = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tmp_path / "f"),
+                        LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,   # all-linear would take pre_classifier
+                                   target_modules=["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(tmp_path / "peft")
+    fresh = AutoModelForSequenceClassification.from_pretrained(tmp_path / "f", quantization_config=Q.QLoRAConfig())
+    Q.load_adapter(fresh, tmp_path / "peft")
+    head = pm.base_model.model.pre_classifier.modules_to_save["default"]
+    assert torch.equal(fresh.pre_classifier.weight, head.weight) and fresh.pre_classifier.weight.requires_grad
+
+
 def test_modules_to_save_errors(minilm, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=3,
                                                                quantization_config=Q.QLoRAConfig())

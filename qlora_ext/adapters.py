@@ -46,11 +46,13 @@ def _task(model: nn.Module) -> Tuple[Optional[str], Optional[List[str]]]:
 
 
 def _name_matches(path: str, key: str) -> bool:
-    return path == key or path.endswith("." + key)   # PEFT's modules_to_save rule
+    # PEFT's modules_to_save rule, exactly: a plain suffix, no '.' boundary ("classifier" also names DistilBERT's
+    # "pre_classifier", which PEFT then trains and saves too)
+    return path.endswith(key)
 
 
 def _resolve_saved(model: nn.Module, names, source: str) -> Dict[str, nn.Module]:
-    """Module paths designated by modules_to_save names (PEFT's rule: the path or a '.'-suffix of it); names
+    """Module paths designated by modules_to_save names (PEFT's rule: paths ending in the name); names
     matching nothing are ignored, as PEFT ignores its task defaults a model lacks. A match that is a 4-bit layer,
     lies inside a 4-bit layer or has no float parameter raises ValueError."""
     if names is None:
