@@ -276,6 +276,45 @@ def test_modules_to_save_names_match_as_peft_matches_them(tmp_path):
     assert torch.equal(fresh.pre_classifier.weight, head.weight) and fresh.pre_classifier.weight.requires_grad
 
 
+def test_bitsandbytes_classifier_checkpoint_is_read_as_stored(minilm, batch, tmp_path):
+    """transformers + bitsandbytes quantizes a sequence classifier whose last parameter is a bias (its skip rule
+    strips only '.weight'), where our rules keep task heads float. Its checkpoint must still load here as it
+    was written (the classifier 4-bit, the same logits), and add_lora's default modules_to_save then leaves
+    that 4-bit head to LoRA, with a warning. (PEFT itself cannot put a SEQ_CLS adapter on that model: it wraps
+    the 4-bit classifier as a module to save, whatever the adapter's config says.)"""
+    _bitsandbytes()
+    from transformers import BitsAndBytesConfig
+    torch.manual_seed(0)   # a fine-tuned float classifier (a new head is left unquantized by bitsandbytes)
+    AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=3).save_pretrained(tmp_path / "float")
+    bnb = AutoModelForSequenceClassification.from_pretrained(tmp_path / "float", quantization_config=
+                                                             BitsAndBytesConfig(load_in_4bit=True,
+                                                                                bnb_4bit_quant_type="nf4",
+                                                                                bnb_4bit_use_double_quant=True,
+                                                                                bnb_4bit_compute_dtype=torch.float32))
+    for m in bnb.modules():   # bitsandbytes' float32 CPU path (not its bfloat16 repack)
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    assert type(bnb.classifier).__name__ == "Linear4bit"
+    bnb.save_pretrained(tmp_path / "bnb")
+    ours = Q.load_quantized(tmp_path / "bnb", Q.QLoRAConfig(compute_dtype=torch.float32),
+                            model_class=AutoModelForSequenceClassification)
+    assert isinstance(ours.classifier, Linear4bit)
+    assert torch.allclose(_logits(ours, batch), _logits(bnb, batch), atol=1e-4, rtol=1e-4)
+    with pytest.warns(UserWarning, match="task head .'classifier'. is a 4-bit layer"):
+        Q.add_lora(ours, r=4, lora_alpha=8, lora_dropout=0.0)
+    assert isinstance(ours.classifier, LoraLinear4bit)
+    with torch.no_grad():
+        for m in ours.modules():
+            if isinstance(m, LoraLinear4bit):
+                m.lora_B["default"].weight.normal_(0, 0.05)
+    Q.save_adapter(ours, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"] is None
+    fresh = Q.load_quantized(tmp_path / "bnb", Q.QLoRAConfig(compute_dtype=torch.float32),
+                             model_class=AutoModelForSequenceClassification)
+    Q.load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(_logits(fresh, batch), _logits(ours, batch))
+
+
 def test_modules_to_save_errors(minilm, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=3,
                                                                quantization_config=Q.QLoRAConfig())

@@ -454,11 +454,11 @@ def test_missing_or_misplaced_4bit_entries_are_errors(tmp_path, bnb_tensors):
     t = {k: v for k, v in bnb_tensors.items() if not k.startswith("model.layers.1.mlp.up_proj.weight")}
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj"):
         Q.load_quantized(_copy_bnb(tmp_path / "b", t))
-    t = dict(bnb_tensors)  # 4-bit statistics for lm_head, which stays float
-    for k, v in bnb_tensors.items():
+    t = dict(bnb_tensors)  # 4-bit statistics beside lm_head's float weight: a 4-bit layer (as stored) whose
+    for k, v in bnb_tensors.items():   # "packed" weight is float32, refused
         if k.startswith("model.layers.0.self_attn.q_proj.weight."):
             t["lm_head.weight." + k.rpartition("q_proj.weight.")[2]] = v.clone()
-    with pytest.raises(ValueError, match=r"lm_head\.weight.*not quantized"):
+    with pytest.raises(ValueError, match=r"lm_head\.weight: packed dtype torch\.float32"):
         Q.load_quantized(_copy_bnb(tmp_path / "c", t))
 
 

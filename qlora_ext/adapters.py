@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -165,6 +166,12 @@ def add_lora(model: nn.Module, r: int = 64, lora_alpha: float = 16, lora_dropout
     check_lora_args(r, lora_alpha, lora_dropout, use_rslora)
     if modules_to_save == "auto":
         modules_to_save = _task(model)[1]
+        quant = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+        four = [k for k in modules_to_save or () if any(_name_matches(n, k) for n in quant)]
+        if four:   # e.g. a transformers + bitsandbytes checkpoint that stored its classifier in 4 bits
+            warnings.warn(f"add_lora: the task head {four} is a 4-bit layer in this model (as its checkpoint stored "
+                          f"it), so it is not trained in full; LoRA targets it like any 4-bit layer", stacklevel=2)
+            modules_to_save = [k for k in modules_to_save if k not in four] or None
     saved = _resolve_saved(model, modules_to_save, "add_lora")
     names = _resolve_targets(model, target_modules)
     layers = _lora_layers(model)

@@ -94,15 +94,32 @@ def _quantizable(m: nn.Module) -> bool:
     return type(m) is nn.Linear or is_conv1d(m)
 
 
-def _replace_linears(model: nn.Module, config: QLoRAConfig, skip, quantize: bool) -> List[str]:
+def stored_4bit_modules(model: nn.Module, checkpoint_files) -> set:
+    """Module paths of `model` whose weight a (pre-quantized) checkpoint stores in 4 bits, read from the
+    safetensors headers (validated against the files first); a checkpoint saved from the base model (keys
+    without the task model's `base_model_prefix.`) or from a task model (with it) is matched either way."""
+    keys = set()
+    for f in checkpoint_files or ():
+        if str(f).endswith(".safetensors"):
+            keys |= {k[:-len(".weight.absmax")] for k in _io.check_safetensors(f) if k.endswith(".weight.absmax")}
+    prefix = (getattr(model, "base_model_prefix", "") or "") + "."
+    out = set()
+    for n, _ in model.named_modules():
+        if n and (n in keys or (n.startswith(prefix) and n[len(prefix):] in keys) or prefix + n in keys):
+            out.add(n)
+    return out
+
+
+def _replace_linears(model: nn.Module, config: QLoRAConfig, skip, quantize: bool, stored=()) -> List[str]:
     """Swaps every plain nn.Linear and transformers Conv1D (as bitsandbytes does; its weight transposed, see
     Linear4bit.source_transposed) that is not skipped, not tied to another module and not inside a 4-bit layer
-    for a Linear4bit, in place. quantize=True quantizes the float weight (freeing it as soon as its layer is
+    for a Linear4bit, in place; the module paths in `stored` (a checkpoint's 4-bit layers) are swapped whatever the
+    skip lists say, so a checkpoint is read as it was written. quantize=True quantizes the float weight (freeing it as soon as its layer is
     swapped); quantize=False builds empty layers (on the meta device, for a loader to fill)."""
     shared = _shared_param_ids(model)
     inside_4bit = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Linear4bit))
     names = [n for n, m in model.named_modules()
-             if _quantizable(m) and n and not n.startswith(inside_4bit) and not _skipped(n, skip)
+             if _quantizable(m) and n and not n.startswith(inside_4bit) and (n in stored or not _skipped(n, skip))
              and id(m.weight) not in shared]
     for name in names:
         parent_name, _, child = name.rpartition(".")
