@@ -657,6 +657,8 @@ def test_gpt2_conv1d_layers_quantize_and_interoperate_like_bitsandbytes(tmp_path
     assert _max_rel(_logits(ours, ids), ref) < 1e-5
     assert _rel(_logits(ours, ids), _logits(float_model, ids)) < 0.1
 
+    with pytest.raises(TypeError, match="nn.Linear or a transformers Conv1D, got Conv2d"):
+        Linear4bit.from_linear(nn.Conv2d(4, 4, 1))
     inplace = Q.quantize_model(GPT2LMHeadModel.from_pretrained(tmp_path / "float"), Q.QLoRAConfig())
     assert all(torch.equal(v, sd_ours[k]) for k, v in inplace.state_dict().items())
     bnb.save_pretrained(tmp_path / "bnb")        # transformers + bitsandbytes' own 4-bit checkpoint

@@ -305,11 +305,11 @@ if _HAVE_TRANSFORMERS:
             return tensor == "weight" and isinstance(model.get_submodule(module_name), Linear4bit)
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            from .model import _float_modules, _replace_linears, stored_4bit_modules
+            from .model import _float_modules, _replace_linears, _stored_4bit_modules
             cfg = self.quantization_config
             # a 4-bit checkpoint's own 4-bit layers are 4-bit here too, even where our rules keep a layer float
             # (transformers + bitsandbytes quantizes e.g. a sequence classifier whose last parameter is a bias)
-            stored = stored_4bit_modules(model, checkpoint_files) if self.pre_quantized else set()
+            stored = _stored_4bit_modules(model, checkpoint_files) if self.pre_quantized else set()
             _replace_linears(model, cfg, _float_modules(model, cfg), quantize=False, stored=stored)
 
         def _process_model_after_weight_loading(self, model, **kwargs):

@@ -94,7 +94,7 @@ def _quantizable(m: nn.Module) -> bool:
     return type(m) is nn.Linear or is_conv1d(m)
 
 
-def stored_4bit_modules(model: nn.Module, checkpoint_files) -> set:
+def _stored_4bit_modules(model: nn.Module, checkpoint_files) -> set:
     """Module paths of `model` whose weight a (pre-quantized) checkpoint stores in 4 bits, read from the
     safetensors headers (validated against the files first); a checkpoint saved from the base model (keys
     without the task model's `base_model_prefix.`) or from a task model (with it) is matched either way."""
@@ -113,9 +113,10 @@ def stored_4bit_modules(model: nn.Module, checkpoint_files) -> set:
 def _replace_linears(model: nn.Module, config: QLoRAConfig, skip, quantize: bool, stored=()) -> List[str]:
     """Swaps every plain nn.Linear and transformers Conv1D (as bitsandbytes does; its weight transposed, see
     Linear4bit.source_transposed) that is not skipped, not tied to another module and not inside a 4-bit layer
-    for a Linear4bit, in place; the module paths in `stored` (a checkpoint's 4-bit layers) are swapped whatever the
-    skip lists say, so a checkpoint is read as it was written. quantize=True quantizes the float weight (freeing it as soon as its layer is
-    swapped); quantize=False builds empty layers (on the meta device, for a loader to fill)."""
+    for a Linear4bit, in place; the module paths in `stored` (a checkpoint's 4-bit layers) are swapped whatever
+    the skip lists say, so a checkpoint is read as it was written. quantize=True quantizes the float weight
+    (freeing it as soon as its layer is swapped); quantize=False builds empty layers (on the meta device, for a
+    loader to fill)."""
     shared = _shared_param_ids(model)
     inside_4bit = tuple(n + "." for n, m in model.named_modules() if isinstance(m, Linear4bit))
     names = [n for n, m in model.named_modules()
